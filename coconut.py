@@ -1,0 +1,129 @@
+"""
+Coconut: Chain of Continuous Thought (Hao et al., 2024, arXiv 2412.06769), around the GPT of gpt.py.
+
+The whole method is one change to a language model's input. A sequence looks like
+
+    question <|start-latent|> <|latent|> <|latent|> <|latent|> <|end-latent|> remaining steps, answer
+
+and the input embedding at every <|latent|> is not a token embedding: it is the last hidden state (the
+output of ln_f, before lm_head) at the position just before it. That vector is a "continuous thought".
+Thought i+1 is computed from thought i, so they cannot all be computed in one parallel pass the way
+ordinary tokens are: with n thoughts, the model runs n+1 passes, each extending a KV cache
+
+    pass 0:    the question and <|start-latent|>     -> hidden state h0, which becomes thought 1
+    pass 1:    thought 1 (one column)                -> h1, thought 2
+    ...
+    pass n:    thought n, <|end-latent|>, the rest    -> the logits of every position
+
+so the total work is about one forward pass over the sequence. Gradients flow back through every
+thought into the question, which is what the curriculum trains (the loss is on the language after
+the thoughts).
+
+Batches come from curriculum.collate, which left-pads each sequence so that its first <|latent|>
+falls at the same column: then pass i handles thought i of every sequence at once, and a sequence
+with fewer thoughts simply has ordinary tokens in the columns where others still think.
+"""
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class Coconut(nn.Module):
+
+    def __init__(self, gpt, latent_id, start_id, end_id, eos_id, feedback=True):
+        super().__init__()
+        self.gpt = gpt
+        self.latent_id, self.start_id, self.end_id, self.eos_id = latent_id, start_id, end_id, eos_id
+        # feedback=False is the "pause as thought" baseline: <|latent|> stays an ordinary token.
+        self.feedback = feedback
+
+    def forward(self, input_ids, attention_mask, labels, position_ids):
+        """input_ids, attention_mask, labels, position_ids: (B, L) from curriculum.collate. -> (loss, logits)"""
+        logits, _ = self.think(input_ids, attention_mask, position_ids)  # (B, L, V)
+        # position t predicts token t+1; -100 marks the question, the markers and the thoughts
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+        return loss, logits
+
+    def think(self, input_ids, attention_mask, position_ids, past=None):
+        """
+        Run the sequence with its continuous thoughts filled in: the feedback loop, n+1 passes.
+        Returns the logits (B, L, V) and what the loop needs later: the thoughts (B, n, C), the KV cache.
+        """
+        B, L = input_ids.shape
+        embeds = self.gpt.transformer.wte(input_ids)  # (B, L, C): token embeddings; thoughts replace some
+        is_latent = input_ids == self.latent_id        # (B, L)
+        n_thoughts = is_latent.sum(1) if self.feedback else torch.zeros_like(input_ids[:, 0])  # (B,)
+        n_max = int(n_thoughts.max())
+        if n_max == 0:  # no thoughts: an ordinary language-model pass
+            logits, _, hidden, past = self.gpt(inputs_embeds=embeds, position_ids=position_ids,
+                                               attention_mask=attention_mask)
+            return logits, dict(thoughts=embeds[:, :0], past=past, hidden=hidden)
+        first = int(is_latent.float().argmax(1)[n_thoughts > 0].min())  # the column of the first thought
+        self._check_aligned(is_latent, n_thoughts, first)
+
+        logits, thoughts = [], []
+        start, end = 0, first  # pass 0 runs up to the first thought
+        x = embeds[:, :first]
+        for i in range(n_max):
+            lg, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
+                                           attention_mask=attention_mask[:, :end], past_kv=past)
+            logits.append(lg)
+            # The feedback: the last hidden state becomes the input at column `end`, in the rows whose
+            # i-th thought sits there; rows with fewer thoughts keep their token there.
+            thought = hidden[:, -1:]  # (B, 1, C)
+            thoughts.append(thought)
+            start, end = end, (end + 1 if i + 1 < n_max else L)  # one column per thought, then the rest
+            x = torch.cat([torch.where(is_latent[:, start, None, None], thought, embeds[:, start:start + 1]),
+                           embeds[:, start + 1:end]], dim=1)
+        lg, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
+                                       attention_mask=attention_mask, past_kv=past)
+        logits.append(lg)
+        return torch.cat(logits, dim=1), dict(thoughts=torch.cat(thoughts, dim=1), past=past, hidden=hidden)
+
+    @staticmethod
+    def _check_aligned(is_latent, n_thoughts, first):
+        # Pass i fills column first+i in every row: each row's thoughts must start there, contiguous.
+        cols = torch.arange(is_latent.size(1), device=is_latent.device)[None, :]
+        expected = (cols >= first) & (cols < first + n_thoughts[:, None])
+        if not torch.equal(expected, is_latent):
+            raise ValueError("each sequence's <|latent|> tokens must be contiguous and start at the same "
+                             "column: batch them with curriculum.collate")
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens, return_thoughts=False):
+        """
+        Greedy answers for a batch of padded questions (each ending in <|end-latent|> in Coconut mode).
+        input_ids, attention_mask: (B, L), padded by curriculum.collate (left, right or both).
+        Returns one list of new token ids per question (without the final <|endoftext|>) and, with
+        return_thoughts, one (n_thoughts, C) tensor per question: the vectors fed back as thoughts.
+        """
+        B, L = input_ids.shape
+        attention_mask = attention_mask.long()
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0) * attention_mask  # 0 on padding
+        logits, state = self.think(input_ids, attention_mask, position_ids)
+        past = state["past"]
+        last = L - 1 - attention_mask.flip(1).argmax(1)             # (B,) each question's last real column
+        next_logits = logits[torch.arange(B), last]                  # (B, V)
+        next_pos = attention_mask.sum(1)                             # (B,) the position of each first new token
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = next_logits.argmax(-1)  # (B,)
+            for b in (~done).nonzero().flatten().tolist():
+                # Like the official generate, <|endoftext|> ends an answer from the second token on; a
+                # first token that is <|endoftext|> is kept (and decodes to nothing).
+                if step > 0 and token[b] == self.eos_id:
+                    done[b] = True
+                else:
+                    out[b].append(int(token[b]))
+            if done.all() or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            lg, _, _, past = self.gpt(token[:, None], position_ids=(next_pos + step)[:, None],
+                                      attention_mask=attention_mask, past_kv=past)
+            next_logits = lg[:, -1]
+        if not return_thoughts:
+            return out
+        n = (input_ids == self.latent_id).sum(1) if self.feedback else torch.zeros(B, dtype=torch.long)
+        return out, [state["thoughts"][b, :int(n[b])] for b in range(B)]

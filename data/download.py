@@ -1,0 +1,47 @@
+"""
+One careful download, shared by the data sets' prepare.py scripts and gpt.py's weight loader.
+
+The file is streamed to `<dest>.part` and renamed onto `dest` only once it is complete and its size is
+right, so a crash, a cut connection or a bad server never leaves a half file where a good one is expected.
+"""
+import os
+import sys
+import time
+
+import requests
+
+
+def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
+    """Fetch url into dest (atomically) unless dest already exists. Returns dest."""
+    if os.path.exists(dest):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp = dest + ".part"
+    try:
+        with requests.get(url, stream=True, timeout=timeout) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"download of {url} failed: HTTP {r.status_code}")
+            # Content-Length is what the server promised; fall back on the caller's expectation.
+            total = int(r.headers.get("Content-Length") or 0) or expected_size
+            done, t0, last = 0, time.time(), 0.0
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_content(chunk_size):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if time.time() - last > 1.0:  # one progress line a second at most
+                        last = time.time()
+                        pct = f"{100 * done / total:5.1f}%" if total else ""
+                        print(f"\r{os.path.basename(dest)}: {done / 1e6:8.1f} MB {pct} "
+                              f"{done / 1e6 / max(last - t0, 1e-9):6.1f} MB/s", end="", file=sys.stderr)
+        if total:
+            print(file=sys.stderr)
+        for want in {int(r.headers.get("Content-Length") or 0), expected_size or 0} - {0}:
+            if done != want:
+                raise RuntimeError(f"download of {url} is incomplete: got {done} bytes, expected {want}")
+        os.replace(tmp, dest)
+        return dest
+    except requests.RequestException as e:
+        raise RuntimeError(f"download of {url} failed: {type(e).__name__}: {e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
