@@ -1,0 +1,149 @@
+"""coconut.py against a naive reference: fill one thought, re-run the whole sequence, repeat."""
+import pytest
+import torch
+
+from coconut import Coconut
+from gpt import GPT, GPTConfig
+
+V, EOS, START, END, LATENT = 60, 56, 57, 58, 59
+
+
+def model(seed=0, feedback=True, eos=EOS):
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96, vocab_size=V)).eval()
+    return Coconut(gpt, LATENT, START, END, eos, feedback=feedback)
+
+
+def sequences(n_thoughts, seed=1, answer=True):
+    """question [start] latent*n [end] (steps + answer), random tokens of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i, n in enumerate(n_thoughts):
+        q = torch.randint(0, 50, (5 + 3 * i,), generator=g).tolist()
+        tail = torch.randint(0, 50, (4 + 2 * (i % 3),), generator=g).tolist() if answer else []
+        seqs.append(q + ([START] + [LATENT] * n + [END] if n >= 0 else []) + tail)
+    return seqs
+
+
+def batch(seqs):
+    """Left-pad so the first latents line up, then right-pad (what curriculum.collate does)."""
+    first = [s.index(LATENT) for s in seqs if LATENT in s]
+    rows = []
+    for s in seqs:
+        p = max(first) - s.index(LATENT) if first and LATENT in s else 0
+        rows.append(([EOS] * p + s, [0] * p + [1] * len(s), [0] * p + list(range(len(s)))))
+    L = max(len(r[0]) for r in rows)
+    pad = lambda x, v: x + [v] * (L - len(x))
+    ids, mask, pos = (torch.tensor([pad(r[k], v) for r in rows]) for k, v in ((0, EOS), (1, 0), (2, 0)))
+    labels = torch.where(mask.bool() & (ids < 50), ids, torch.full_like(ids, -100))
+    return ids, mask, labels, pos
+
+
+def naive_logits(m, ids, mask, pos):
+    """The method as written in the paper: one full pass per thought, no cache."""
+    gpt = m.gpt
+    emb = gpt.transformer.wte(ids).clone()
+    latent_cols = [(ids[b] == LATENT).nonzero().flatten().tolist() for b in range(len(ids))]
+    for i in range(max(map(len, latent_cols))):
+        hidden = gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos)[2]
+        for b, cols in enumerate(latent_cols):
+            if len(cols) > i:
+                emb[b, cols[i]] = hidden[b, cols[i] - 1]
+    return gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos)[0], emb
+
+
+@pytest.mark.parametrize("n_thoughts", [[0, 0], [1, 1, 1], [6, 2, 0, 3], [3, 6]])
+def test_forward_equals_naive_reference(n_thoughts):
+    m = model()
+    ids, mask, labels, pos = batch(sequences(n_thoughts))
+    with torch.no_grad():
+        loss, logits = m(ids, mask, labels, pos)
+        want, _ = naive_logits(m, ids, mask, pos)
+    real = mask.bool()
+    assert torch.allclose(logits[real], want[real], atol=1e-5, rtol=0), (logits - want)[real].abs().max()
+    want_loss = torch.nn.functional.cross_entropy(want[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    assert abs(loss.item() - want_loss.item()) < 1e-5
+
+
+def test_thoughts_change_the_answer_and_pause_is_an_ordinary_token():
+    ids, mask, labels, pos = batch(sequences([4, 2]))
+    with torch.no_grad():
+        with_feedback = model()(ids, mask, labels, pos)[1]
+        pause = model(feedback=False)(ids, mask, labels, pos)[1]
+        plain = model().gpt(ids, attention_mask=mask, position_ids=pos)[0]
+    real = mask.bool()
+    assert torch.allclose(pause[real], plain[real], atol=1e-6)
+    assert not torch.allclose(with_feedback[real], plain[real], atol=1e-3)
+
+
+def test_answer_loss_reaches_every_thought_and_the_question():
+    m = model()
+    m.train()
+    ids, mask, labels, pos = batch(sequences([5, 3]))
+    inputs = []
+
+    def keep_input(module, args, kwargs):  # the input of each pass; in passes 1..n its first column is a thought
+        x = kwargs["inputs_embeds"]
+        x.retain_grad()
+        inputs.append(x)
+
+    handle = m.gpt.register_forward_pre_hook(keep_input, with_kwargs=True)
+    loss, _ = m(ids, mask, labels, pos)
+    handle.remove()
+    loss.backward()
+    assert len(inputs) == 5 + 1  # n_max + 1 passes
+    for i, x in enumerate(inputs[1:], start=1):
+        for b, n in enumerate([5, 3]):
+            if i <= n:  # row b's thought i is the first input of pass i, and the answer's loss reaches it
+                assert x.grad[b, 0].abs().sum() > 0, (i, b)
+    q_rows = m.gpt.transformer.wte.weight.grad[ids[0, mask[0].bool()][:5]]
+    assert q_rows.abs().sum() > 0
+
+
+def test_misaligned_latents_are_rejected():
+    m = model()
+    ids, mask, labels, pos = batch(sequences([2, 2]))
+    ids[1] = ids[1].roll(1)  # move row 1's thoughts one column right
+    with pytest.raises(ValueError, match="collate"):
+        m(ids, mask, labels, pos)
+
+
+def naive_generate(m, question, max_new_tokens):
+    """Batch 1, the whole sequence re-run for every new token, as the official generate does."""
+    ids = torch.tensor([question])
+    ones = torch.ones_like(ids)
+    _, emb = naive_logits(m, ids, ones, torch.arange(len(question))[None])
+    out = []
+    for step in range(max_new_tokens):
+        logits = m.gpt(inputs_embeds=emb)[0]
+        tok = int(logits[0, -1].argmax())
+        if step > 0 and tok == m.eos_id:
+            break
+        out.append(tok)
+        emb = torch.cat([emb, m.gpt.transformer.wte(torch.tensor([[tok]]))], 1)
+    return out
+
+
+@pytest.mark.parametrize("n_thoughts", [[3, 3, 3], [0, 2, 6, 1]])
+def test_batched_cached_generation_equals_one_at_a_time_uncached(n_thoughts):
+    questions = sequences(n_thoughts, answer=False)
+    m = model()
+    with torch.no_grad():
+        # make generation stop at different lengths: call "eos" a token some rows generate late or never
+        for eos in sorted(set(sum((naive_generate(m, q, 12) for q in questions), []))):
+            m.eos_id = eos
+            want = [naive_generate(m, q, 12) for q in questions]
+            if len({len(w) for w in want}) > 1:
+                break
+        ids, mask, _, _ = batch(questions)
+        got, thoughts = m.generate(ids, mask, 12, return_thoughts=True)
+        assert got == want
+        assert any(len(w) < 12 for w in want) and len({len(w) for w in want}) > 1, [len(w) for w in want]
+        for q in questions:  # one at a time through the batched path too
+            assert m.generate(torch.tensor([q]), torch.ones(1, len(q)), 12) == [naive_generate(m, q, 12)]
+        # the returned thoughts are the vectors the naive loop fed back
+        for q, th in zip(questions, thoughts):
+            _, emb = naive_logits(m, torch.tensor([q]), torch.ones(1, len(q)), torch.arange(len(q))[None])
+            cols = [i for i, t in enumerate(q) if t == LATENT]
+            assert th.shape == (len(cols), 32)
+            assert torch.allclose(th, emb[0, cols], atol=1e-5)
