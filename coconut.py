@@ -39,16 +39,17 @@ class Coconut(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, position_ids):
         """input_ids, attention_mask, labels, position_ids: (B, L) from curriculum.collate. -> (loss, logits)"""
-        logits, _ = self.think(input_ids, attention_mask, position_ids)  # (B, L, V)
+        hidden, _ = self.think(input_ids, attention_mask, position_ids)  # (B, L, C)
+        logits = self.gpt.lm_head(hidden)                                  # (B, L, V)
         # position t predicts token t+1; -100 marks the question, the markers and the thoughts
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
                                ignore_index=-100)
         return loss, logits
 
-    def think(self, input_ids, attention_mask, position_ids, past=None):
+    def think(self, input_ids, attention_mask, position_ids):
         """
         Run the sequence with its continuous thoughts filled in: the feedback loop, n+1 passes.
-        Returns the logits (B, L, V) and what the loop needs later: the thoughts (B, n, C), the KV cache.
+        Returns the final hidden states (B, L, C) and {"thoughts": (B, n, C), "past": the KV cache}.
         """
         B, L = input_ids.shape
         embeds = self.gpt.transformer.wte(input_ids)  # (B, L, C): token embeddings; thoughts replace some
@@ -56,19 +57,19 @@ class Coconut(nn.Module):
         n_thoughts = is_latent.sum(1) if self.feedback else torch.zeros_like(input_ids[:, 0])  # (B,)
         n_max = int(n_thoughts.max())
         if n_max == 0:  # no thoughts: an ordinary language-model pass
-            logits, _, hidden, past = self.gpt(inputs_embeds=embeds, position_ids=position_ids,
-                                               attention_mask=attention_mask)
-            return logits, dict(thoughts=embeds[:, :0], past=past, hidden=hidden)
+            _, _, hidden, past = self.gpt(inputs_embeds=embeds, position_ids=position_ids,
+                                          attention_mask=attention_mask, with_logits=False)
+            return hidden, dict(thoughts=embeds[:, :0], past=past)
         first = int(is_latent.float().argmax(1)[n_thoughts > 0].min())  # the column of the first thought
         self._check_aligned(is_latent, n_thoughts, first)
 
-        logits, thoughts = [], []
+        hiddens, thoughts, past = [], [], None
         start, end = 0, first  # pass 0 runs up to the first thought
         x = embeds[:, :first]
         for i in range(n_max):
-            lg, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
-                                           attention_mask=attention_mask[:, :end], past_kv=past)
-            logits.append(lg)
+            _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
+                                          attention_mask=attention_mask[:, :end], past_kv=past, with_logits=False)
+            hiddens.append(hidden)
             # The feedback: the last hidden state becomes the input at column `end`, in the rows whose
             # i-th thought sits there; rows with fewer thoughts keep their token there.
             thought = hidden[:, -1:]  # (B, 1, C)
@@ -76,10 +77,10 @@ class Coconut(nn.Module):
             start, end = end, (end + 1 if i + 1 < n_max else L)  # one column per thought, then the rest
             x = torch.cat([torch.where(is_latent[:, start, None, None], thought, embeds[:, start:start + 1]),
                            embeds[:, start + 1:end]], dim=1)
-        lg, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
-                                       attention_mask=attention_mask, past_kv=past)
-        logits.append(lg)
-        return torch.cat(logits, dim=1), dict(thoughts=torch.cat(thoughts, dim=1), past=past, hidden=hidden)
+        _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
+                                      attention_mask=attention_mask, past_kv=past, with_logits=False)
+        hiddens.append(hidden)
+        return torch.cat(hiddens, dim=1), dict(thoughts=torch.cat(thoughts, dim=1), past=past)
 
     @staticmethod
     def _check_aligned(is_latent, n_thoughts, first):
@@ -101,10 +102,10 @@ class Coconut(nn.Module):
         B, L = input_ids.shape
         attention_mask = attention_mask.long()
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0) * attention_mask  # 0 on padding
-        logits, state = self.think(input_ids, attention_mask, position_ids)
+        hidden, state = self.think(input_ids, attention_mask, position_ids)
         past = state["past"]
-        last = L - 1 - attention_mask.flip(1).argmax(1)             # (B,) each question's last real column
-        next_logits = logits[torch.arange(B), last]                  # (B, V)
+        last = L - 1 - attention_mask.flip(1).argmax(1)                    # (B,) each question's last real column
+        next_logits = self.gpt.lm_head(hidden[torch.arange(B), last])       # (B, V): only where it is needed
         next_pos = attention_mask.sum(1)                             # (B,) the position of each first new token
         out = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

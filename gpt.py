@@ -110,7 +110,7 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, position_ids=None,
-                attention_mask=None, past_kv=None):
+                attention_mask=None, past_kv=None, with_logits=True):
         """
         idx (B, T) token ids, or inputs_embeds (B, T, C).
         targets (B, T): the token each position should predict (already shifted, -100 = no loss).
@@ -118,6 +118,8 @@ class GPT(nn.Module):
         attention_mask (B, past_len + T): 1 for real tokens, 0 for padding; None = no padding.
         past_kv: the list returned by an earlier call (one (k, v) per layer), or None.
         Returns logits (B, T, V), loss (or None), hidden (B, T, C) after ln_f, and the extended cache.
+        with_logits=False skips lm_head (logits None): a caller that needs few positions' logits
+        applies lm_head to those hidden states itself, instead of paying (B, T, V) for all of them.
         """
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
@@ -134,7 +136,7 @@ class GPT(nn.Module):
             x, kv = block(x, mask, None if past_kv is None else past_kv[i])
             present.append(kv)
         hidden = self.transformer.ln_f(x)  # (B, T, C): what Coconut feeds back as a thought
-        logits = self.lm_head(hidden)      # (B, T, V)
+        logits = self.lm_head(hidden) if with_logits or targets is not None else None  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
