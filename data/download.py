@@ -18,11 +18,12 @@ def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = dest + ".part"
     try:
-        with requests.get(url, stream=True, timeout=timeout) as r:
+        # identity: the byte counts below are then the file's own (a gzipped body would be counted twice over)
+        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"download of {url} failed: HTTP {r.status_code}")
             # Content-Length is what the server promised; fall back on the caller's expectation.
-            total = int(r.headers.get("Content-Length") or 0) or expected_size
+            total = expected_size or (None if r.headers.get("Content-Encoding") else int(r.headers.get("Content-Length") or 0))
             done, t0, last = 0, time.time(), 0.0
             with open(tmp, "wb") as f:
                 for chunk in r.iter_content(chunk_size):
@@ -35,9 +36,11 @@ def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
                               f"{done / 1e6 / max(last - t0, 1e-9):6.1f} MB/s", end="", file=sys.stderr)
         if total:
             print(file=sys.stderr)
-        for want in {int(r.headers.get("Content-Length") or 0), expected_size or 0} - {0}:
-            if done != want:
-                raise RuntimeError(f"download of {url} is incomplete: got {done} bytes, expected {want}")
+        promised = int(r.headers.get("Content-Length") or 0)
+        if promised and r.raw.tell() != promised:  # bytes on the wire, compressed or not
+            raise RuntimeError(f"download of {url} is incomplete: got {r.raw.tell()} bytes, expected {promised}")
+        if expected_size and done != expected_size:
+            raise RuntimeError(f"download of {url} has {done} bytes, expected {expected_size}")
         os.replace(tmp, dest)
         return dest
     except requests.RequestException as e:
