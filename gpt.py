@@ -224,7 +224,7 @@ HEADS_BY_WIDTH = {v["n_embd"]: v["n_head"] for v in HUB_SIZES.values()}
 
 
 def download_hub_weights(name, cache_dir=None):
-    from data.download import download  # the project's one careful (streamed, atomic, size-checked) download
+    from data.common import download  # the project's one careful (streamed, atomic, size-checked) download
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     cache_dir = cache_dir or os.environ.get("COCONUT_CACHE", os.path.expanduser("~/.cache/coconut"))
     dest = os.path.join(cache_dir, name, "model.safetensors")

@@ -303,7 +303,7 @@ def test_prosqa_download_writes_the_three_files(server, tmp_path, capsys):
 
 
 def test_gzipped_download_is_counted_on_the_wire_and_saved_decoded(server, tmp_path):
-    from data.download import download
+    from data.common import download
     body = json.dumps(prosqa.generate(20, random.Random(4))).encode()
     serve("gzip", "x.json", body)
     download(f"{server}/gzip/x.json", str(tmp_path / "x.json"))

@@ -14,12 +14,11 @@ next to the .json ones, so a second run downloads nothing.
     python data/gsm8k/prepare.py --out_dir /tmp/gsm8k
 """
 import argparse
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.download import download  # noqa: E402
+from data.common import download, make_out_dir, save_json  # noqa: E402
 
 REPO, COMMIT = "da03/Internalize_CoT_Step_by_Step", "e06a32ee5e4cd117171daeb4755d2a97ece62761"
 LFS_URL = f"https://media.githubusercontent.com/media/{REPO}/{COMMIT}/data/gsm8k"
@@ -54,13 +53,6 @@ def read_lines(path):
         return f.readlines()
 
 
-def save_json(records, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def prepare(out_dir, lfs_url=LFS_URL, raw_url=RAW_URL):
     for split, expected in SPLITS.items():
         base = lfs_url if split == "train" else raw_url
@@ -85,12 +77,7 @@ def main(argv=None):
     p.add_argument("--raw_url", default=os.environ.get("GSM8K_RAW_URL", RAW_URL),
                    help="where valid.txt and test.txt are (env GSM8K_RAW_URL)")
     args = p.parse_args(argv)
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        p.error(f"--out_dir {args.out_dir} exists and is not a directory")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        p.error(f"cannot create --out_dir {args.out_dir}: {e.strerror}")
+    make_out_dir(p, args.out_dir)
     try:
         prepare(args.out_dir, args.lfs_url, args.raw_url)
     except RuntimeError as e:

@@ -22,10 +22,12 @@ answer, and the steps are that proof, two sentences a step (statement, rule), th
     python data/prontoqa/prepare.py --seed 1 --out_dir /tmp/prontoqa
 """
 import argparse
-import json
 import os
 import random
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from data.common import make_out_dir, save_json  # noqa: E402
 
 HOPS = 5
 NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eli", "Finn", "Gus", "Hana", "Ivy", "June", "Kai", "Leo", "Mia", "Nora"]
@@ -93,13 +95,6 @@ def make_example(rng):
             "answer": "True" if query_neg == p_neg else "False"}
 
 
-def save_json(records, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--n_train", type=int, default=9000)
@@ -110,12 +105,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.n_train, args.n_valid, args.n_test) < 0:
         p.error("--n_train, --n_valid and --n_test must not be negative")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        p.error(f"--out_dir {args.out_dir} exists and is not a directory")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        p.error(f"cannot create --out_dir {args.out_dir}: {e.strerror}")
+    make_out_dir(p, args.out_dir)
 
     # one stream, then sliced in order (first train, then valid, then test), like the official split
     rng = random.Random(args.seed)

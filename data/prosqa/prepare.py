@@ -29,7 +29,7 @@ import sys
 from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.download import download  # noqa: E402
+from data.common import download, make_out_dir, save_json  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/facebookresearch/coconut/main/data"
 SPLITS = {"train": 17886, "valid": 300, "test": 500}  # the official sizes
@@ -215,13 +215,6 @@ def format_stats(s):
 # -----------------------------------------------------------------------------
 # writing and downloading
 
-def save_json(records, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f)
-    os.replace(tmp, path)  # readers never see a half-written file
-
-
 def check_records(path):
     """Load path and make sure it's a JSON list of ProsQA records (text and graph); returns the list."""
     try:
@@ -279,12 +272,7 @@ def main(argv=None):
         p.error(f"--n_nodes must be between 6 and {len(CONCEPTS) + 2}")
     if not 1 <= args.min_hops <= args.max_hops:
         p.error("need 1 <= --min_hops <= --max_hops")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        p.error(f"--out_dir {args.out_dir} exists and is not a directory")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-    except OSError as e:
-        p.error(f"cannot create --out_dir {args.out_dir}: {e.strerror}")
+    make_out_dir(p, args.out_dir)
 
     if not args.generate:
         try:

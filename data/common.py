@@ -1,9 +1,11 @@
 """
-One careful download, shared by the data sets' prepare.py scripts and gpt.py's weight loader.
+What the data sets' prepare.py scripts share: one careful download (gpt.py's weight loader uses it
+too), an atomic JSON writer, and the check of --out_dir.
 
-The file is streamed to `<dest>.part` and renamed onto `dest` only once it is complete and its size is
+A download is streamed to `<dest>.part` and renamed onto `dest` only once it is complete and its size is
 right, so a crash, a cut connection or a bad server never leaves a half file where a good one is expected.
 """
+import json
 import os
 import sys
 import time
@@ -48,3 +50,20 @@ def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_json(records, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f)
+    os.replace(tmp, path)  # readers never see a half-written file
+
+
+def make_out_dir(parser, path):
+    """Create --out_dir, or end with the parser's one-line usage error."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"--out_dir {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        parser.error(f"cannot create --out_dir {path}: {e.strerror}")
