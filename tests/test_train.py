@@ -1,0 +1,278 @@
+"""train.py: a tiny run end to end, SIGKILL/Ctrl-C + --resume = an uninterrupted run bit for bit, 2 DDP
+processes = 1 process, the official answer rule, starting from OpenAI-layout safetensors (the vocabulary
+grows by 3) and from a CoT checkpoint, and the error paths (one line each)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from curriculum import compact_tokenizer, make_question, tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A model and a data set small enough for seconds per run: 2-step records, 24 train / 6 valid.
+TINY = ["--dataset", "tiny", "--init_from", "scratch", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+        "--block_size", "128", "--batch_size", "2", "--grad_accum", "2", "--lr", "1e-2", "--stage_epochs", "1",
+        "--max_latent_stage", "2", "--epochs", "3", "--max_new_tokens", "24", "--threads", "1", "--log_every", "0"]
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("tiny_prepare", os.path.join(ROOT, "data", "tiny", "prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    assert load_prepare().main(["--out_dir", str(d / "tiny"), "--n_train", "24", "--n_valid", "6", "--n_test", "2",
+                                "--steps", "2", "--width", "4"]) == 0
+    return d
+
+
+def run_cli(args, env=None, timeout=120):
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(r, code, *words):
+    assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert all(w in last for w in words), last
+    return last
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -----------------------------------------------------------------------------
+
+def test_end_to_end(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(out), "--epochs", "4",
+                              "--stage_epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage 0 | epoch 1/4 | step 1/6" in printed and "epoch 4 (stage 1)" in printed
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4] and [m["stage"] for m in metrics] == [0, 0, 1, 1]
+    assert metrics[3]["train_loss"] < 0.6 * metrics[0]["train_loss"]  # it learns
+    assert all(m["val_total"] == 6 for m in metrics)
+
+    model, tok, ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    assert not model.training and ckpt["epoch"] == 3 and ckpt["stage"] == 1 and ckpt["step"] == 24
+    assert ckpt["config"]["mode"] == "coconut" and ckpt["config"]["lr"] == 1e-2
+    best, _, best_ckpt = train.load_checkpoint(str(out / "best.pt"))
+    assert best_ckpt["best_acc"] == max(m["val_acc"] for m in metrics)
+    # generate from the loaded model: the same answers as the run's last validation
+    records = json.load(open(data_dir / "tiny" / "valid.json"))
+    prompts = [make_question(tokenize(r, tok), 1, "coconut", 1, 2, True, tok) for r in records]
+    assert all(p.count(tok.latent_id) == 1 for p in prompts)
+    r = train.evaluate(model, tok, prompts, [x["answer"] for x in records], 24, batch_size=4)
+    assert r["correct"] == metrics[-1]["val_correct"] and r["mean_thoughts"] == 1.0
+    assert r["mean_new_tokens"] == pytest.approx(metrics[-1]["mean_new_tokens"])
+
+
+def test_answer_rule():
+    # the official rule reads the question and the new tokens as one text; commas do not count
+    tok = compact_tokenizer([{"question": "Is Alex a fpus or epus? 1,000", "steps": [], "answer": "### Alex is a fpus."}])
+    q = tok.encode("Is Alex a fpus? #")
+
+    class Stub(torch.nn.Module):  # "generates" the given token lists, in order
+        feedback = True
+
+        def __init__(self, outs):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.outs = outs
+
+        def generate(self, ids, mask, max_new_tokens):
+            return self.outs[:len(ids)]
+
+    outs = [tok.encode("### Alex is a fpus."), tok.encode(" Alex is a fpus."), tok.encode("## 1000")]
+    model = Stub(outs)
+    r = train.evaluate(model, tok, [q, q, q], ["Alex is a fpus.", " Alex is a fpus.", "1,000"], 8, batch_size=3)
+    assert [o["correct"] for o in r["outputs"]] == [True, True, True]
+    assert [o["prediction"] for o in r["outputs"]] == ["Alex is a fpus.", "Alex is a fpus.", "1000"]
+    r = train.evaluate(model, tok, [q[:-1], q[:-1]], ["Alex is a fpus.", "Alex is a fpus."], 8, batch_size=2)
+    assert [o["correct"] for o in r["outputs"]] == [True, False]  # no '#' at all: the whole text is the prediction
+    assert r["acc"] == 0.5 and r["total"] == 2 and r["mean_new_tokens"] == pytest.approx((len(outs[0]) + len(outs[1])) / 2)
+
+
+def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
+    # dropout on: the resumed run must also restore the random state that drives it
+    common = TINY + ["--data_dir", str(data_dir), "--save_every", "4", "--dropout", "0.1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run_cli(common + ["--out_dir", a])
+    assert r.returncode == 0, r.stderr
+    # killed mid-epoch (step 5: saved at 4), resumed, killed again right after the epoch's last step and save
+    # (step 12: before its validation), resumed, interrupted by Ctrl-C (step 14), resumed to the end
+    r = run_cli(common + ["--out_dir", b], env={train.SIGNAL_HOOK: "5:KILL,12:KILL,14:INT"})
+    assert r.returncode == -9, r.stderr
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 4
+    r = run_cli(["--out_dir", b, "--resume"], env={train.SIGNAL_HOOK: "12:KILL,14:INT"})
+    assert r.returncode == -9, r.stderr
+    r = run_cli(["--out_dir", b, "--resume"], env={train.SIGNAL_HOOK: "14:INT"})
+    assert r.returncode == 130 and "saved" in r.stdout, (r.stdout, r.stderr)
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 15  # the step after the signal
+    r = run_cli(["--out_dir", b, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt")))
+    assert_same_weights(weights(os.path.join(a, "best.pt")), weights(os.path.join(b, "best.pt")))
+    ma, mb = (open(os.path.join(d, "metrics.jsonl")).read().splitlines() for d in (a, b))
+    strip = lambda ms: [{k: v for k, v in json.loads(m).items() if "second" not in k} for m in ms]
+    assert strip(ma) == strip(mb)  # the same losses and accuracies, one line per epoch
+
+
+def test_ddp_two_processes_match_one(data_dir, tmp_path):
+    common = TINY + ["--data_dir", str(data_dir), "--epochs", "2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    r = run_cli(common + ["--out_dir", one])
+    assert r.returncode == 0, r.stderr
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "train.py"), *common, "--out_dir", two], cwd=ROOT, env=e,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es)" in r.stdout
+    m1, m2 = ([json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))] for d in (one, two))
+    for x, y in zip(m1, m2):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-5)
+        assert x["val_correct"] == y["val_correct"] and x["val_total"] == y["val_total"] == 6
+    w1, w2 = weights(os.path.join(one, "ckpt.pt")), weights(os.path.join(two, "ckpt.pt"))
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, no traceback
+
+def test_bad_options(data_dir, tmp_path, capsys):
+    for argv, words in ((["--dataset", "nope"], "unknown data set"), (["--no_such_option"], "unrecognized"),
+                        (["--mode", "magic"], "invalid choice"), (["--epochs", "0"], "--epochs")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err
+
+
+def test_missing_and_malformed_data(tmp_path, capsys):
+    base = TINY + ["--out_dir", str(tmp_path / "out")]
+    assert train.main(base + ["--data_dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "python data/tiny/prepare.py" in err and "train.json" in err
+    (tmp_path / "bad" / "tiny").mkdir(parents=True)
+    (tmp_path / "bad" / "tiny" / "train.json").write_text('[{"question": "q", "steps": [')
+    (tmp_path / "bad" / "tiny" / "valid.json").write_text("[]")
+    assert train.main(base + ["--data_dir", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.json" in err and "not valid JSON" in err
+
+
+def test_corrupt_checkpoints(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(out), "--epochs", "1"]) == 0
+    good = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        train.load_checkpoint(str(tmp_path / "nope.pt"))
+    cases = {"truncated.pt": good[:len(good) // 2], "text.pt": b"not a checkpoint at all"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck["model"].pop("transformer.wpe.weight")
+    torch.save(ck, tmp_path / "wrong_keys.pt")
+    for name, words in (("truncated.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
+                        ("foreign.pt", "not a checkpoint of train.py"), ("wrong_keys.pt", "do not fit")):
+        with pytest.raises(ValueError) as e:
+            train.load_checkpoint(str(tmp_path / name))
+        assert words in str(e.value) and name in str(e.value) and "\n" not in str(e.value), str(e.value)
+    # --resume from a damaged checkpoint, or a changed setting: one line
+    (out / "ckpt.pt").write_bytes(good[:1000])
+    assert train.main(["--out_dir", str(out), "--resume"]) == 1
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    (out / "ckpt.pt").write_bytes(good)
+    assert train.main(["--out_dir", str(out), "--resume", "--lr", "0.5"]) == 1
+    assert "--lr 0.5 differs" in capsys.readouterr().err
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(out)]) == 1  # would overwrite a run
+    assert "--resume it" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    out = str(tmp_path / "nan")
+    # lr 1e30: the first step is finite, the second one's loss is not
+    r = run_cli(TINY + ["--data_dir", str(data_dir), "--out_dir", out, "--lr", "1e30", "--save_every", "1"])
+    last = one_error_line(r, 1, "loss is nan", "step 2", "step 1) is the last good checkpoint")
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert last.startswith("train.py: error:")
+
+
+# -----------------------------------------------------------------------------
+# Starting points: OpenAI-layout safetensors (GPT-2's vocabulary grows by 3), and a checkpoint of ours
+
+def write_hf_gpt2(folder, n_layer=1, n_head=2, n_embd=32, n_positions=128):
+    """A tiny GPT-2 in Hugging Face's layout: model.safetensors (Conv1D weights stored (in, out)) + config.json."""
+    torch.manual_seed(0)
+    from gpt import GPT, GPTConfig
+    sd = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=n_positions, vocab_size=50257)).state_dict()
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    tensors = {k[len("transformer."):]: (v.t() if k.endswith(conv) else v).contiguous()
+               for k, v in sd.items() if k != "lm_head.weight"}
+    header, blobs, offset = {}, [], 0
+    for name, t in tensors.items():
+        b = t.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=50257), f)
+    return sd
+
+
+def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
+    folder = str(tmp_path / "hf")
+    sd = write_hf_gpt2(folder)
+    args = train.parse_args(TINY + ["--init_from", folder])
+    assert args.dropout is None  # resolved by init_model: 0.1 from released weights
+    gpt, tok = train.init_model(args, [])
+    assert gpt.config.vocab_size == 50260 and gpt.config.dropout == 0.1 and tok.latent_id == 50259
+    assert tok.encode("<<") == [16791]
+    for i in (50257, 50258, 50259):  # the new rows start as copies of "<<", in the tied output layer too
+        assert torch.equal(gpt.transformer.wte.weight[i], sd["transformer.wte.weight"][16791])
+        assert torch.equal(gpt.lm_head.weight[i], sd["transformer.wte.weight"][16791])
+    assert torch.equal(gpt.transformer.h[0].attn.c_attn.weight, sd["transformer.h.0.attn.c_attn.weight"])
+    gpt, _ = train.init_model(train.parse_args(TINY + ["--init_from", folder, "--mode", "cot"]), [])
+    assert gpt.config.vocab_size == 50257  # cot, nocot and no_thought add no tokens (official run.py)
+
+    # a CoT run from those weights, then Coconut from its checkpoint, skipping stage 0 (GSM8k's recipe)
+    cot, coco = str(tmp_path / "cot"), str(tmp_path / "coco")
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--init_from", folder, "--mode", "cot", "--epochs", "1",
+                              "--out_dir", cot]) == 0
+    _, tok, ck = train.load_checkpoint(os.path.join(cot, "best.pt"))
+    assert ck["model_args"]["vocab_size"] == 50257 and ck["tokenizer"] == {"kind": "gpt2"}
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--init_from", os.path.join(cot, "best.pt"),
+                              "--start_epoch", "1", "--out_dir", coco]) == 0
+    metrics = [json.loads(line) for line in open(os.path.join(coco, "metrics.jsonl"))]
+    assert [(m["epoch"], m["stage"]) for m in metrics] == [(2, 1), (3, 2)]
+    model, _, ck = train.load_checkpoint(os.path.join(coco, "ckpt.pt"))
+    assert ck["model_args"]["vocab_size"] == 50260 and model.feedback and ck["config"]["dropout"] == 0.1
