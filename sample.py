@@ -83,12 +83,6 @@ def answer(model, prompts, max_new_tokens, batch_size=32):
     return outs, thoughts
 
 
-def is_correct(prompt_ids, new_ids, answer, tok):
-    """The official rule, as train.evaluate applies it: the text after the last '#' of the decoded
-    question + answer, commas removed, equals the record's answer without commas."""
-    return train.extract_answer(tok.decode(list(prompt_ids) + list(new_ids))) == answer.replace(",", "").strip()
-
-
 @torch.no_grad()
 def top_tokens(model, thought, k):
     """The paper's "decode the thought": softmax(lm_head(thought)) -> the k likeliest (token id, p)."""
@@ -394,7 +388,7 @@ def run(args):
         print(f"[{i + 1}] Q: {q}")
         mark = ""
         if answered:
-            ok = is_correct(pr, out, rec["answer"], tok)
+            ok = train.is_correct(pr, out, rec["answer"], tok)
             correct += ok
             mark = "  (correct)" if ok else f"  (wrong; expected {rec['answer']!r})"
         print(f"    A: {tok.decode(out).strip()!r}{mark}")

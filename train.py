@@ -275,6 +275,12 @@ def extract_answer(text):
     return text.split("#")[-1].replace(",", "").strip()
 
 
+def is_correct(prompt_ids, new_ids, answer, tok):
+    """Like the official code: the decoded question + new tokens, through extract_answer, against the
+    record's answer without commas."""
+    return extract_answer(tok.decode(list(prompt_ids) + list(new_ids))) == answer.replace(",", "").strip()
+
+
 @torch.no_grad()
 def evaluate(model, tok, questions, answers, max_new_tokens, batch_size=32):
     """
@@ -304,7 +310,7 @@ def evaluate(model, tok, questions, answers, max_new_tokens, batch_size=32):
     outputs = []
     for q, a, out in zip(questions, answers, new):
         pred = extract_answer(tok.decode(list(q) + out))
-        outputs.append(dict(text=tok.decode(out), prediction=pred, correct=pred == a.replace(",", "").strip(),
+        outputs.append(dict(text=tok.decode(out), prediction=pred, correct=is_correct(q, out, a, tok),
                             new_tokens=len(out), thoughts=list(q).count(tok.latent_id) if model.feedback else 0))
     return summarize_outputs(outputs, seconds)
 

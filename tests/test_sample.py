@@ -141,8 +141,8 @@ def test_prompt_shapes():
     assert sample.prompt(t, dict(mode="pause", c_thought=1, max_latent_stage=6), 0, tok, 2) == q + [L, L]
     with pytest.raises(ValueError, match="no continuous thoughts"):
         sample.prompt(t, dict(mode="nocot"), 0, tok, 1)
-    assert sample.is_correct(q, tok.encode("Alex is a fpus.\n### Alex is a fpus.") + [tok.eos_id], "Alex is a fpus.", tok)
-    assert not sample.is_correct(q, tok.encode("### Alex is a epus."), "Alex is a fpus.", tok)
+    assert train.is_correct(q, tok.encode("Alex is a fpus.\n### Alex is a fpus.") + [tok.eos_id], "Alex is a fpus.", tok)
+    assert not train.is_correct(q, tok.encode("### Alex is a epus."), "Alex is a fpus.", tok)
 
 
 # -----------------------------------------------------------------------------
