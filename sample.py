@@ -66,24 +66,6 @@ def prompt(tokenized, cfg, stage, tok, n_latent=None):
 
 
 @torch.no_grad()
-def answer(model, prompts, max_new_tokens, batch_size=32):
-    """
-    Greedy answers, batched: returns (new token ids, thoughts) per prompt, thoughts being the (n, C)
-    vectors fed back (final hidden states after ln_f). collate left-pads so the first <|latent|> of
-    every prompt shares a column; that padding must not change any answer (tests/test_sample.py).
-    """
-    device = next(model.parameters()).device
-    outs, thoughts = [], []
-    for i in range(0, len(prompts), batch_size):
-        b = collate(prompts[i:i + batch_size], pad_id=model.eos_id, latent_id=model.latent_id)
-        o, t = model.generate(b["input_ids"].to(device), b["attention_mask"].to(device), max_new_tokens,
-                              return_thoughts=True)
-        outs += o
-        thoughts += [x.float().cpu() for x in t]
-    return outs, thoughts
-
-
-@torch.no_grad()
 def top_tokens(model, thought, k):
     """The paper's "decode the thought": softmax(lm_head(thought)) -> the k likeliest (token id, p)."""
     probs = F.softmax(model.gpt.lm_head(thought.to(model.gpt.lm_head.weight)).float(), dim=-1)
@@ -381,7 +363,7 @@ def run(args):
         return 0
 
     prompts = [prompt(t, cfg, stage, tok, latents[0]) for t in tokenized]
-    outs, thoughts = answer(model, prompts, max_new, args.batch_size)
+    outs, thoughts = train.generate_batched(model, prompts, max_new, args.batch_size)
     correct = 0
     for i, (rec, pr, out, th) in enumerate(zip(records, prompts, outs, thoughts)):
         q = rec["question"] if len(rec["question"]) <= 120 else "..." + rec["question"][-117:]
@@ -410,7 +392,7 @@ def analyze(model, tok, records, tokenized, cfg, stage, n_latent, args):
     prompts = [prompt(t, cfg, stage, tok, n_latent) for t in tokenized]
     stats = defaultdict(list)
     if args.probe == "thought":
-        _, thoughts = answer(model, prompts, 1, args.batch_size)  # only the thoughts are needed
+        _, thoughts = train.generate_batched(model, prompts, 1, args.batch_size)  # only the thoughts are needed
         for rec, th in zip(records, thoughts):
             for i, raw in enumerate(node_probs_thought(model, th, rec, tok)):
                 stats[i + 1].append(thought_stats(raw, rec, i + 1))

@@ -282,6 +282,26 @@ def is_correct(prompt_ids, new_ids, answer, tok):
 
 
 @torch.no_grad()
+def generate_batched(model, prompts, max_new_tokens, batch_size=32):
+    """
+    Greedy answers to prompts (token id lists) in batches -> (new token ids, thoughts) per prompt, in
+    the prompts' order; thoughts are the (n, C) vectors fed back. Prompts of similar length share a batch
+    (less padding); batching changes no answer (tests/test_sample.py).
+    """
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outs, thoughts = [None] * len(prompts), [None] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        b = collate([prompts[i] for i in idx], pad_id=model.eos_id, latent_id=model.latent_id)
+        o, t = model.generate(b["input_ids"].to(device), b["attention_mask"].to(device), max_new_tokens,
+                              return_thoughts=True)
+        for i, oi, ti in zip(idx, o, t):
+            outs[i], thoughts[i] = oi, ti.float().cpu()
+    return outs, thoughts
+
+
+@torch.no_grad()
 def evaluate(model, tok, questions, answers, max_new_tokens, batch_size=32):
     """
     Greedy answers to question prompts (token id lists, as curriculum.make_question builds them), in
@@ -295,16 +315,8 @@ def evaluate(model, tok, questions, answers, max_new_tokens, batch_size=32):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    # Similar lengths together: less padding. Batching does not change any answer (tests/test_sample.py).
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
-    new = [None] * len(questions)
     t0 = time.time()
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        b = collate([questions[i] for i in idx], pad_id=tok.pad_id, latent_id=tok.latent_id)
-        for i, out in zip(idx, model.generate(b["input_ids"].to(device), b["attention_mask"].to(device), max_new_tokens)):
-            new[i] = out
+    new, _ = generate_batched(model, questions, max_new_tokens, batch_size)
     seconds = time.time() - t0
     model.train(was_training)
     outputs = []

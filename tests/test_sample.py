@@ -114,9 +114,9 @@ def test_batched_answers_equal_one_at_a_time():
     # mixed question lengths and numbers of thoughts: collate left-pads to align the first latents
     prompts = [sample.prompt(tokenize(r, tok), cfg, 7, tok, n) for r, n in zip(records, (3, 0, 6, 1, 3))]
     assert len({len(p) for p in prompts}) == 5
-    outs, thoughts = sample.answer(model, prompts, max_new_tokens=12, batch_size=5)
+    outs, thoughts = train.generate_batched(model, prompts, max_new_tokens=12, batch_size=5)
     for i, p in enumerate(prompts):
-        o, t = sample.answer(model, [p], max_new_tokens=12, batch_size=1)
+        o, t = train.generate_batched(model, [p], max_new_tokens=12, batch_size=1)
         assert o[0] == outs[i]
         assert t[0].shape == thoughts[i].shape == (p.count(tok.latent_id), 32)
         assert torch.allclose(t[0], thoughts[i], atol=1e-4)

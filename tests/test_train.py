@@ -92,16 +92,18 @@ def test_answer_rule():
     tok = compact_tokenizer([{"question": "Is Alex a fpus or epus? 1,000", "steps": [], "answer": "### Alex is a fpus."}])
     q = tok.encode("Is Alex a fpus? #")
 
-    class Stub(torch.nn.Module):  # "generates" the given token lists, in order
+    class Stub(torch.nn.Module):  # "generates" the given token lists, in order (Coconut.generate's interface)
         feedback = True
+        eos_id, latent_id = tok.eos_id, tok.latent_id
 
         def __init__(self, outs):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.outs = outs
 
-        def generate(self, ids, mask, max_new_tokens):
-            return self.outs[:len(ids)]
+        def generate(self, ids, mask, max_new_tokens, return_thoughts=False):
+            outs = self.outs[:len(ids)]
+            return (outs, [torch.zeros(0, 4) for _ in outs]) if return_thoughts else outs
 
     outs = [tok.encode("### Alex is a fpus."), tok.encode(" Alex is a fpus."), tok.encode("## 1000")]
     model = Stub(outs)
