@@ -49,7 +49,7 @@ class Coconut(nn.Module):
     def think(self, input_ids, attention_mask, position_ids):
         """
         Run the sequence with its continuous thoughts filled in: the feedback loop, n+1 passes.
-        Returns the final hidden states (B, L, C) and {"thoughts": (B, n, C), "past": the KV cache}.
+        Returns the final hidden states (B, L, C) and {"thoughts": (B, n_max, C), "n_thoughts": (B,), "past": the KV cache}.
         """
         B, L = input_ids.shape
         embeds = self.gpt.transformer.wte(input_ids)  # (B, L, C): token embeddings; thoughts replace some
@@ -59,7 +59,7 @@ class Coconut(nn.Module):
         if n_max == 0:  # no thoughts: an ordinary language-model pass
             _, _, hidden, past = self.gpt(inputs_embeds=embeds, position_ids=position_ids,
                                           attention_mask=attention_mask, with_logits=False)
-            return hidden, dict(thoughts=embeds[:, :0], past=past)
+            return hidden, dict(thoughts=embeds[:, :0], n_thoughts=n_thoughts, past=past)
         first = int(is_latent.float().argmax(1)[n_thoughts > 0].min())  # the column of the first thought
         self._check_aligned(is_latent, n_thoughts, first)
 
@@ -80,7 +80,7 @@ class Coconut(nn.Module):
         _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
                                       attention_mask=attention_mask, past_kv=past, with_logits=False)
         hiddens.append(hidden)
-        return torch.cat(hiddens, dim=1), dict(thoughts=torch.cat(thoughts, dim=1), past=past)
+        return torch.cat(hiddens, dim=1), dict(thoughts=torch.cat(thoughts, dim=1), n_thoughts=n_thoughts, past=past)
 
     @staticmethod
     def _check_aligned(is_latent, n_thoughts, first):
@@ -126,5 +126,4 @@ class Coconut(nn.Module):
             next_logits = lg[:, -1]
         if not return_thoughts:
             return out
-        n = (input_ids == self.latent_id).sum(1) if self.feedback else torch.zeros(B, dtype=torch.long)
-        return out, [state["thoughts"][b, :int(n[b])] for b in range(B)]
+        return out, [state["thoughts"][b, :int(state["n_thoughts"][b])] for b in range(B)]
