@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -138,6 +139,60 @@ def bench_generate(model, questions, args):
     return qps, same
 
 
+def memory_child(args):
+    """
+    One training step (forward + backward) of the GPT-2 124M shape, fp32, on --memory_batch real ProsQA
+    records at stage 6, in a fresh process: prints {"variant", "loss", "peak_gb"} as JSON. "before" is the
+    forward this project had first: logits at every position and a cache copied at every thought;
+    "after" is today's (logits only where a label is, and a chunked cache). The peak is what the step
+    adds to the process: on CUDA max_memory_allocated, on a CPU the peak resident set size.
+    """
+    tok = gpt2_tokenizer()
+    records = [tokenize(r, tok) for r in load_records(args.data_path)][:args.memory_batch]
+    b = {k: v.to(args.device) for k, v in collate([make_example(t, 6) for t in records]).items()}
+    torch.manual_seed(0)
+    model = Coconut(GPT(GPTConfig(**SIZES["gpt2"], vocab_size=50260)), tok.latent_id, tok.start_id, tok.end_id,
+                    tok.eos_id).to(args.device)
+    model.chunked_cache = args.memory_child == "after"
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    ids, mask, labels, pos = (b[k] for k in ("input_ids", "attention_mask", "labels", "position_ids"))
+    if args.memory_child == "before":
+        hidden, _ = model.think(ids, mask, pos)
+        logits = model.gpt.lm_head(hidden)  # (B, L, V): every position
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+    else:
+        loss, _ = model(ids, mask, labels, pos)
+    loss.backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps(dict(variant=args.memory_child, shape=list(ids.shape), loss=loss.item(), peak_gb=peak / 2**30)))
+
+
+def bench_memory(args):
+    """The peak memory of a paper-default training step, before and after, each in a process of its own."""
+    rows = {}
+    for variant in ("before", "after"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory_child", variant, "--device", args.device,
+               "--data", args.data_path, "--memory_batch", str(args.memory_batch), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        rows[variant] = json.loads(out.strip().splitlines()[-1])
+    b, a = rows["before"], rows["after"]
+    print(f"[gpt2] peak memory of one training step, {args.memory_batch} x {a['shape'][1]} columns, 6 thoughts, fp32: "
+          f"before {b['peak_gb']:.2f} GB, after {a['peak_gb']:.2f} GB -> {100 * (1 - a['peak_gb'] / b['peak_gb']):.0f}% "
+          f"less; loss {b['loss']:.6f} / {a['loss']:.6f}", flush=True)
+
+
 def load_official(path, model):
     """The authors' Coconut around a Hugging Face GPT2LMHeadModel holding our model's weights."""
     from transformers import GPT2Config, GPT2LMHeadModel  # only for this comparison; not a dependency
@@ -158,7 +213,8 @@ def load_official(path, model):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["gpt2", "small"], choices=list(SIZES))
+    p.add_argument("--sizes", nargs="*", default=["gpt2", "small"], choices=list(SIZES),
+                   help="model shapes for the speed ratios (none: skip them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--data", default=None, help="ProsQA-format JSON (default: data/prosqa/valid.json or ../shared/data)")
@@ -171,15 +227,20 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--official", default=None, help="a checkout of facebookresearch/coconut to compare with")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--memory", action="store_true", help="also the peak memory of a training step, before/after")
+    p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
+    p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
                   os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]
-    path = next((c for c in candidates if c and os.path.exists(c)), None)
+    args.data_path = path = next((c for c in candidates if c and os.path.exists(c)), None)
     if path is None:
         sys.exit("bench.py: no ProsQA data: run `python data/prosqa/prepare.py` (or --generate) or pass --data")
+    if args.memory_child:
+        return memory_child(args)
     tok = gpt2_tokenizer()
     records = [tokenize(r, tok) for r in load_records(path)]
     batch = collate([make_example(t, args.thoughts) for t in records[:args.batch_size]])
@@ -188,6 +249,8 @@ def main():
     print(f"device {args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"training batch {tuple(batch['input_ids'].shape)} with {args.thoughts} thoughts, "
           f"{len(questions)} questions x {args.max_new_tokens} new tokens")
+    if args.memory:
+        bench_memory(args)
     for size in args.sizes:
         torch.manual_seed(0)
         gpt = GPT(GPTConfig(**SIZES[size], vocab_size=50260)).to(args.device)
@@ -196,7 +259,7 @@ def main():
         if official is not None:  # first, the same numbers: loss and logits at every real token
             ids, mask, labels, pos = (batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids"))
             with torch.no_grad():
-                theirs, (loss, logits) = official(ids, mask, labels, pos), model(ids, mask, labels, pos)
+                theirs, (loss, logits) = official(ids, mask, labels, pos), model(ids, mask, labels, pos, with_logits=True)
             d = ((theirs.logits - logits).abs() * mask[..., None]).max().item()
             print(f"[{size}] vs official: loss {loss.item():.6f} / {theirs.loss.item():.6f}, max |logit diff| {d:.1e}")
         t = bench_train(model, batch, args, official)

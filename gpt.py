@@ -46,13 +46,35 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if past is not None:  # the cached keys/values of the positions before these T
-            k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs), S = past length + T
-            v = torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(past, list):  # a chunked cache (see chunked_attention): extended, never copied
+            k, v = past[0] + [k], past[1] + [v]
+            y = chunked_attention(q, k, v, mask, dropout)
+        else:
+            if past is not None:  # the cached keys/values of the positions before these T
+                k = torch.cat([past[0], k], dim=2)  # (B, nh, S, hs), S = past length + T
+                v = torch.cat([past[1], v], dim=2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        return self.resid_dropout(self.c_proj(y)), [k, v] if isinstance(past, list) else (k, v)
+
+
+def chunked_attention(q, ks, vs, mask, dropout):
+    """
+    Attention over keys and values held as a list of chunks along the sequence, without concatenating
+    them. Coconut's training forward extends its cache by one column per thought: concatenated, every
+    pass would make (and keep for the backward pass) a new copy of the whole cache, n copies for n
+    thoughts. Here each pass only refers to the chunks that exist already; what it keeps is the
+    (B, nh, T, S) attention matrix of its few queries. Same result as SDPA over the concatenation.
+    q: (B, nh, T, hs); ks, vs: lists of (B, nh, S_i, hs); mask: (B or 1, 1, T, sum S_i), True = attend.
+    """
+    att = torch.cat([q @ k.transpose(-2, -1) for k in ks], dim=-1) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
+    att = F.dropout(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1), dropout)
+    y, start = 0, 0
+    for v in vs:  # the weighted sum, chunk by chunk
+        y = y + att[..., start:start + v.size(2)] @ v
+        start += v.size(2)
+    return y  # (B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -116,14 +138,15 @@ class GPT(nn.Module):
         targets (B, T): the token each position should predict (already shifted, -100 = no loss).
         position_ids (B, T): default past_len .. past_len+T-1.
         attention_mask (B, past_len + T): 1 for real tokens, 0 for padding; None = no padding.
-        past_kv: the list returned by an earlier call (one (k, v) per layer), or None.
+        past_kv: the list returned by an earlier call (one (k, v) per layer), or None; a layer's [ks, vs]
+            (lists of chunks, see chunked_attention) is extended without copying, and returned so.
         Returns logits (B, T, V), loss (or None), hidden (B, T, C) after ln_f, and the extended cache.
         with_logits=False skips lm_head (logits None): a caller that needs few positions' logits
         applies lm_head to those hidden states itself, instead of paying (B, T, V) for all of them.
         """
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        past_len = 0 if past_kv is None else past_kv[0][0].size(2)
+        past_len = 0 if past_kv is None else sum(k.size(2) for k in _chunks(past_kv[0][0]))
         if past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} positions is longer than block_size "
                              f"{self.config.block_size}")
@@ -141,6 +164,14 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss, hidden, present
+
+    @staticmethod
+    def chunk_cache(past_kv):
+        """
+        The same cache as chunks: later calls extend it without copying it (chunked_attention). Made
+        contiguous once here: a transposed view would be copied by every matmul that reads it.
+        """
+        return [[[c.contiguous() for c in _chunks(k)], [c.contiguous() for c in _chunks(v)]] for k, v in past_kv]
 
     @staticmethod
     def _attention_mask(attention_mask, B, T, past_len, device):
@@ -209,6 +240,10 @@ class GPT(nn.Module):
                                     f"a .safetensors file or a folder with model.safetensors)")
         tensors = read_safetensors(name_or_path)
         return _load_into(cls(_config_from_tensors(tensors, name_or_path, dropout)), tensors, name_or_path)
+
+
+def _chunks(k):
+    return k if isinstance(k, list) else [k]
 
 
 # ----------------------------------------------------------------------------------------------------------

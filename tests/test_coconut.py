@@ -57,7 +57,7 @@ def test_forward_equals_naive_reference(n_thoughts):
     m = model()
     ids, mask, labels, pos = batch(sequences(n_thoughts))
     with torch.no_grad():
-        loss, logits = m(ids, mask, labels, pos)
+        loss, logits = m(ids, mask, labels, pos, with_logits=True)
         want, _ = naive_logits(m, ids, mask, pos)
     real = mask.bool()
     assert torch.allclose(logits[real], want[real], atol=1e-5, rtol=0), (logits - want)[real].abs().max()
@@ -68,8 +68,8 @@ def test_forward_equals_naive_reference(n_thoughts):
 def test_thoughts_change_the_answer_and_pause_is_an_ordinary_token():
     ids, mask, labels, pos = batch(sequences([4, 2]))
     with torch.no_grad():
-        with_feedback = model()(ids, mask, labels, pos)[1]
-        pause = model(feedback=False)(ids, mask, labels, pos)[1]
+        with_feedback = model()(ids, mask, labels, pos, with_logits=True)[1]
+        pause = model(feedback=False)(ids, mask, labels, pos, with_logits=True)[1]
         plain = model().gpt(ids, attention_mask=mask, position_ids=pos)[0]
     real = mask.bool()
     assert torch.allclose(pause[real], plain[real], atol=1e-6)
@@ -98,6 +98,41 @@ def test_answer_loss_reaches_every_thought_and_the_question():
                 assert x.grad[b, 0].abs().sum() > 0, (i, b)
     q_rows = m.gpt.transformer.wte.weight.grad[ids[0, mask[0].bool()][:5]]
     assert q_rows.abs().sum() > 0
+
+
+def test_chunked_cache_gives_the_same_loss_and_gradients_as_the_plain_one():
+    # Training keeps the cache as chunks (no copy per thought) and scores only labelled positions:
+    # against the concatenating cache with logits at every position, the same loss and gradients.
+    ids, mask, labels, pos = batch(sequences([6, 2, 0, 4]))
+    grads = []
+    for chunked in (True, False):
+        m = model()
+        m.chunked_cache = chunked
+        if chunked:
+            loss, logits = m(ids, mask, labels, pos)
+            assert logits is None
+        else:
+            hidden, _ = m.think(ids, mask, pos)
+            full = m.gpt.lm_head(hidden)
+            loss = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+        loss.backward()
+        grads.append((loss.item(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    (l1, g1), (l2, g2) = grads
+    assert abs(l1 - l2) < 1e-6
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-6, rtol=1e-4), (k, (g1[k] - g2[k]).abs().max())
+
+
+def test_chunked_attention_equals_sdpa_over_the_concatenation():
+    from gpt import chunked_attention
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, 4, 8)
+    ks = [torch.randn(2, 3, n, 8) for n in (5, 1, 4)]
+    vs = [torch.randn(2, 3, n, 8) for n in (5, 1, 4)]
+    mask = torch.rand(2, 1, 4, 10) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    want = torch.nn.functional.scaled_dot_product_attention(q, torch.cat(ks, 2), torch.cat(vs, 2), attn_mask=mask)
+    assert torch.allclose(chunked_attention(q, ks, vs, mask, 0.0), want, atol=1e-6)
 
 
 def test_misaligned_latents_are_rejected():
