@@ -71,7 +71,9 @@ class Tokenizer:
             return gpt2_tokenizer()
         if d.get("kind") == "compact":
             return _compact_from_words(d["words"], d["split"])
-        raise ValueError(f"unknown tokenizer kind {d.get('kind')!r} (expected 'gpt2' or 'compact')")
+        if d.get("kind") == "symbols":
+            return Tokenizer(Symbols(d["symbols"]), dict(d))
+        raise ValueError(f"unknown tokenizer kind {d.get('kind')!r} (expected 'gpt2', 'compact' or 'symbols')")
 
 
 @lru_cache(maxsize=1)
@@ -112,6 +114,55 @@ def _compact_from_words(words, split):
     return Tokenizer(enc, {"kind": "compact", "split": split, "words": list(words)})
 
 
+class Symbols:
+    """
+    A word-level vocabulary with tiktoken's interface (what Tokenizer uses of it): one token per
+    whitespace-separated symbol, for data written in symbols, such as data/prosqa_graph's
+    "3 7 | 0 2 [Q] 16 13 [R] 1". Text is split on whitespace, and decode joins the symbols with one
+    space: the layout of the whitespace is not kept, the symbols are. ids: the symbols in order, then
+    eos/pad, start, end, latent (like compact_tokenizer).
+    """
+
+    def __init__(self, symbols):
+        self.symbols = list(symbols) + [EOS, START, END, LATENT]
+        self.ids = {s: i for i, s in enumerate(self.symbols)}
+        self.n_vocab = len(self.symbols)
+
+    def encode_ordinary(self, text):
+        try:
+            return [self.ids[w] for w in text.split()]
+        except KeyError as e:
+            raise ValueError(f"symbol {e.args[0]!r} is not in the vocabulary of this model") from None
+
+    def encode_single_token(self, symbol):
+        return self.ids[symbol]
+
+    def decode(self, ids):
+        return " ".join(self.symbols[i] for i in ids)
+
+
+def symbol_tokenizer(records):
+    """One token per symbol of the records (in order of first appearance), then eos, start, end, latent."""
+    seen = {}
+    for r in records:
+        for text in _texts(r):
+            for w in text.split():
+                seen.setdefault(w, None)
+    return Tokenizer(Symbols(seen), {"kind": "symbols", "symbols": list(seen)})
+
+
+def looks_symbolic(records, max_symbols=1000):
+    """Is the data written in symbols (fewer than max_symbols distinct whitespace-separated words, none of
+    them ending in punctuation like "wumpus.")? Then symbol_tokenizer suits a model trained from scratch."""
+    seen = set()
+    for r in records:
+        for text in _texts(r):
+            seen.update(text.split())
+            if len(seen) > max_symbols:
+                return False
+    return not any(len(w) > 1 and w[-1] in ".,;:?!" for w in seen)
+
+
 # -----------------------------------------------------------------------------
 # Records
 
@@ -131,6 +182,20 @@ def load_records(path):
     for i, r in enumerate(data):
         _check_record(r, f"{path}: record {i}")
     return data
+
+
+def load_split(data_dir, dataset, split):
+    """<data_dir>/<dataset>/<split>.json: a prepared data set of this project, or any folder of the user's."""
+    path = os.path.join(data_dir, dataset, f"{split}.json")
+    if not os.path.isfile(path):
+        ours = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py"))
+        how = (f"make it with `python data/{dataset}/prepare.py`" if ours else
+               'put a JSON list of {"question", "steps", "answer"} records there')
+        raise FileNotFoundError(f"{path} not found: {how}")
+    records = load_records(path)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
 
 
 def _check_record(r, where):
@@ -160,6 +225,23 @@ class Tokenized(NamedTuple):
 def _texts(record):
     # The strings a record is encoded as, in order; tokenize() and compact_tokenizer() share them.
     return [record["question"] + "\n"] + [s + "\n" for s in record["steps"]] + ["### " + record["answer"]]
+
+
+def graph_question(record, rng=None):
+    """
+    The symbolic ProsQA question of "Reasoning by Superposition" (data/prosqa_graph), from a record's
+    graph fields: every edge as "parent child", joined by " | ", then "[Q]" and the two options,
+    then "[R]" and the root, all in node names (idx_to_symbol):  "3 7 | 0 2 | ... [Q] 16 13 [R] 1".
+    With rng (a random.Random), the edges and the two options are shuffled first: the recipe reshuffles
+    them every epoch, so that no position in the question gives an answer away.
+    """
+    names, edges = record["idx_to_symbol"], list(record["edges"])
+    options = [record["target"], record["neg_target"]]
+    if rng is not None:
+        rng.shuffle(edges)
+        rng.shuffle(options)
+    return (" | ".join(f"{names[a]} {names[b]}" for a, b in edges) +
+            f" [Q] {names[options[0]]} {names[options[1]]} [R] {names[record['root']]}")
 
 
 def tokenize(record, tok=None):
@@ -260,6 +342,52 @@ def make_question(tokenized, stage, mode="coconut", c_thought=1, max_latent_stag
     return q + [tok.start_id] + [tok.latent_id] * (k * c) + [tok.end_id]
 
 
+# Prompt shapes by training mode (MODES): which carry the markers, which carry bare pauses.
+MARKED = ("coconut", "pause_as_thought", "no_curriculum")  # question <start> N x <latent> <end>
+PAUSED = ("pause",)                                        # question N x <latent>, no markers
+PLAIN = ("cot", "nocot", "no_thought")                     # the question alone: no thoughts at all
+
+
+def final_stage(cfg, ckpt):
+    """The stage whose prompts the checkpoint answers by default: the one it was saved at (train.py
+    validated it with that stage's prompts), else the last one (every step removed)."""
+    stage = ckpt.get("stage")
+    return int(stage) if stage is not None else cfg.get("max_latent_stage", 6) + 1
+
+
+def prompt(tokenized, cfg, stage, tok, n_latent=None):
+    """
+    The token ids to generate from. n_latent None: exactly what training's validation uses at `stage`
+    (curriculum.make_question). Otherwise question + <start> + n_latent x <latent> + <end> (bare
+    latents for the pause-token baseline; a mode without thoughts only takes n_latent 0).
+    """
+    mode = cfg.get("mode", "coconut")
+    if n_latent is None:
+        return make_question(tokenized, stage, mode, cfg.get("c_thought", 1), cfg.get("max_latent_stage", 6),
+                             cfg.get("pad_latent_to_max", True), tok)
+    q = list(tokenized.question)
+    if mode in PLAIN:
+        if n_latent:
+            raise ValueError(f"a {mode} model has no continuous thoughts: --latent can only be 0")
+        return q
+    if mode in PAUSED:
+        return q + [tok.latent_id] * n_latent
+    if mode in MARKED:
+        return q + [tok.start_id] + [tok.latent_id] * n_latent + [tok.end_id]
+    raise ValueError(f"unknown mode {mode!r} in the checkpoint")
+
+
+def extract_answer(text):
+    """The official rule: what follows the last '#', commas removed."""
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def is_correct(prompt_ids, new_ids, answer, tok):
+    """Like the official code: the decoded prompt + new tokens, through extract_answer, against the
+    record's answer without commas."""
+    return extract_answer(tok.decode(list(prompt_ids) + list(new_ids))) == answer.replace(",", "").strip()
+
+
 def check_length(examples, block_size, skip_long=False):
     """
     The indices of the examples (dicts with input_ids, or id lists) that fit in block_size. A longer
@@ -332,3 +460,132 @@ def collate(examples, pad_id=50256, latent_id=50259):
         if labels is not None:
             batch["labels"][b, cols] = torch.tensor(labels[b], dtype=torch.long)
     return batch
+
+
+# -----------------------------------------------------------------------------
+# iCoT (Deng et al. 2024, "From Explicit CoT to Implicit CoT: Learning to Internalize CoT Step by
+# Step"): the Table 1 row "iCoT". No latents: the chain of thought is cut away token by token from
+# its start while the model trains on question + what is left of the chain + answer, until none is
+# left. The rules follow the authors' src/train.py (github.com/da03/Internalize_CoT_Step_by_Step,
+# commit c2e3891); line numbers below refer to that file.
+#
+# Their sequence is  question <eos> chain <eos> answer <eos>,  and they remove the tokens from
+# first_sep+1 up to first_sep+1+to_remove, clamped at the second <eos> (l. 290-291, 301-304): the
+# first to_remove tokens of the chain, never a separator, all of it once to_remove >= its length.
+# Here the chain is the steps' tokens concatenated (the question's "\n" and the answer's "###" play
+# the separators' part), and make_icot_example removes the same: its first n tokens.
+#
+# Training needs, per batch: to_remove = the scheduled count (removal_schedule) + each sequence's own
+# random offset (removal_offsets) (l. 283-284); the optimizer is reset before a batch whose count grew
+# (l. 262-268), unless every chain of the previous batch was already gone (see all_chains_removed).
+# Generation and evaluation start from the question alone (their generate cuts each sequence at its
+# first <eos>, model.py l. 85-86); their validation uses the scheduled count with no offset (l. 336).
+import math  # noqa: E402  (this section's own import; the file's header is not this section's)
+
+ICOT = "icot"  # the mode's name; make_question for it is the question alone, like nocot
+
+# The paper's GSM8k settings (their README's GSM8k command). The same command also trains with
+# batch 16 x accumulate 2, lr 1e-5, 80 epochs, bf16, max_len_train 150 (a batch wider than 150
+# tokens after removal is skipped, its step still counted), removal from the left, pretrain_epochs 0.
+ICOT_GSM8K = dict(remove_per_epoch=8, removal_smoothing_lambda=4, remove_all_when_remove_beyond=39,
+                  remove_start_from=0, reset_optimizer=True)
+
+
+def removal_distribution(lam, truncate=100):
+    """
+    The "removal smoothing" distribution of the extra tokens a sequence loses on top of the schedule:
+    P(k) = (1 - e^-lam) e^(-lam k) for k = 0..truncate-1, the last bin taking the rest of the
+    geometric tail (their compute_lambda_distribution, l. 25-35). lam = inf: no offset (mass 1 at 0).
+    Float32 like theirs, so a generator draws the same offsets from it.
+    """
+    p = torch.zeros(truncate)
+    if lam == math.inf:
+        p[0] = 1.0
+        return p
+    if not lam > 0:
+        raise ValueError(f"removal_smoothing_lambda must be > 0 (or inf), got {lam}")
+    p = (1 - math.exp(-lam)) * torch.arange(truncate).mul(-lam).exp()
+    # Theirs asserts p.sum() <= 1 and crashes for some lam (0.17, 0.21, ...) where float32 rounding
+    # pushes the sum just above 1; we clamp the last bin at 0 instead (torch.multinomial normalizes).
+    p[-1] = (p[-1] + (1 - p.sum())).clamp(min=0)
+    return p
+
+
+def removal_schedule(epochs, steps_per_epoch, remove_per_epoch=8, remove_all_when_remove_beyond=math.inf,
+                     remove_start_from=0):
+    """
+    The number of chain tokens every training step removes, [epoch][step] -> (to_remove, grew):
+    to_remove an int or math.inf (the whole chain), grew True when the count went up at that step
+    (reset the optimizer before it). A function of its arguments only: a resumed run recomputes it.
+
+    Their loop (l. 242-270), one step per batch of the training loop:
+      - every = int(round(steps_per_epoch / remove_per_epoch)) (Python's round: 2.5 -> 2);
+      - a counter, never reset at epoch boundaries, is checked BEFORE it counts the step: the count
+        grows at global steps every, 2*every, ... (not at step 0), or at every step from step 0 on
+        when every == 0 (more removals per epoch than steps);
+      - once the count reaches remove_all_when_remove_beyond, the whole chain goes (inf) from that
+        very step on; a count that is already inf never "grows" again (inf + 1 == inf);
+      - at each epoch's start they round the count to an int: a no-op for int counts (ours are).
+    Differences: their counter counts batches, so with --accumulate 2 (their GSM8k command) a step
+    here is a batch, not an optimizer step: pass steps_per_epoch in the unit the trainer steps in.
+    Their --pretrain_epochs (0 in their recipes; it freezes the counter) is not supported.
+    """
+    if not remove_per_epoch > 0:
+        raise ValueError(f"remove_per_epoch must be > 0, got {remove_per_epoch}")  # theirs divides by it
+    every = int(round(steps_per_epoch / remove_per_epoch))
+    beyond = remove_all_when_remove_beyond
+
+    def grown(t):  # how often the count has grown by the end of global step t (t = -1: before the run)
+        return t + 1 if every == 0 else max(t, 0) // every
+
+    schedule, t, entry = [], 0, None
+    for _ in range(epochs):
+        steps = []
+        for _ in range(steps_per_epoch):
+            before, now = remove_start_from + grown(t - 1), remove_start_from + grown(t)
+            to_remove = math.inf if now >= beyond else now
+            grew = now > before and before < beyond  # growth from inf is no growth
+            if entry != (to_remove, grew):
+                entry = (to_remove, grew)  # consecutive steps share one tuple: 1M steps stay small
+            steps.append(entry)
+            t += 1
+        schedule.append(steps)
+    return schedule
+
+
+def removal_offsets(n, distribution, generator=None):
+    """
+    n random extra removals, one per sequence of a batch: torch.multinomial(distribution, n,
+    replacement=True) like theirs (l. 283), drawn from `generator` (a seeded torch.Generator; theirs
+    uses the global one). A point mass at 0 (lambda inf) gives zeros without drawing.
+    """
+    if n == 0 or (distribution[0] == 1 and distribution[1:].sum() == 0):
+        return [0] * n
+    return torch.multinomial(distribution, n, replacement=True, generator=generator).tolist()
+
+
+def make_icot_example(tokenized, n_remove, tok=None):
+    """
+    question + the chain without its first n_remove tokens + answer; labels -100 on the question
+    only (theirs: labels -100 up to and including the first <eos>, data.py l. 82-83). n_remove is
+    the scheduled count plus the sequence's offset, math.inf to drop the whole chain. (tok is unused:
+    the same signature as make_example.)
+    """
+    if n_remove < 0:
+        raise ValueError(f"n_remove must be >= 0, got {n_remove}")
+    q, steps, a = tokenized
+    chain = [t for s in steps for t in s]
+    kept = chain[int(n_remove):] if n_remove < len(chain) else []
+    rest = kept + a
+    return {"input_ids": q + rest, "labels": [-100] * len(q) + rest}
+
+
+def all_chains_removed(tokenized_batch, n_removes):
+    """
+    Was every chain of this batch removed whole? Their optimizer reset (l. 264) is skipped when the
+    PREVIOUS batch's chains were all gone (all_cot_removed_in_prev_batch, l. 296-304, 314): reset
+    before a step iff grew and not all_chains_removed(previous batch). Theirs also says False for a
+    batch they did not cut at all (count 0 and lambda inf, l. 279-280); that differs from this only
+    for a batch made entirely of records without steps.
+    """
+    return all(n >= sum(len(s) for s in t.steps) for t, n in zip(tokenized_batch, n_removes))

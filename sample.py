@@ -16,54 +16,20 @@ N x <|latent|>, <|end-latent|>; N defaults to what the checkpoint's stage uses (
 of its training run), and --latent N sets it. The model then answers greedily in language.
 """
 import argparse
-import math
 import os
 import sys
-from collections import defaultdict, deque
+from collections import defaultdict
 
 import torch
 from torch.nn import functional as F
 
-import train
-from curriculum import collate, load_records, make_question, tokenize
-
-# Prompt shapes by training mode (curriculum.MODES): which carry the markers, which carry bare pauses.
-MARKED = ("coconut", "pause_as_thought", "no_curriculum")  # question <start> N x <latent> <end>
-PAUSED = ("pause",)                                        # question N x <latent>, no markers
-PLAIN = ("cot", "nocot", "no_thought")                     # the question alone: no thoughts at all
-
+import analysis
+from checkpoint import first_line, load_checkpoint, resolve_device
+from coconut import evaluate, generate_batched
+from curriculum import final_stage, is_correct, load_records, prompt, tokenize
 
 # -----------------------------------------------------------------------------
-# Prompts and answers
-
-def final_stage(cfg, ckpt):
-    """The stage whose prompts the checkpoint answers by default: the one it was saved at (train.py
-    validated it with that stage's prompts), else the last one (every step removed)."""
-    stage = ckpt.get("stage")
-    return int(stage) if stage is not None else cfg.get("max_latent_stage", 6) + 1
-
-
-def prompt(tokenized, cfg, stage, tok, n_latent=None):
-    """
-    The token ids to generate from. n_latent None: exactly what training's validation uses at `stage`
-    (curriculum.make_question). Otherwise question + <start> + n_latent x <latent> + <end> (bare
-    latents for the pause-token baseline; a mode without thoughts only takes n_latent 0).
-    """
-    mode = cfg.get("mode", "coconut")
-    if n_latent is None:
-        return make_question(tokenized, stage, mode, cfg.get("c_thought", 1), cfg.get("max_latent_stage", 6),
-                             cfg.get("pad_latent_to_max", True), tok)
-    q = list(tokenized.question)
-    if mode in PLAIN:
-        if n_latent:
-            raise ValueError(f"a {mode} model has no continuous thoughts: --latent can only be 0")
-        return q
-    if mode in PAUSED:
-        return q + [tok.latent_id] * n_latent
-    if mode in MARKED:
-        return q + [tok.start_id] + [tok.latent_id] * n_latent + [tok.end_id]
-    raise ValueError(f"unknown mode {mode!r} in the checkpoint")
-
+# Thoughts
 
 @torch.no_grad()
 def top_tokens(model, thought, k):
@@ -76,166 +42,6 @@ def top_tokens(model, thought, k):
 def format_thought(i, top, tok):
     # repr() keeps a token's leading space visible: ' lempus' vs 'lempus'
     return f"  thought {i}: " + ", ".join(f"{tok.decode([t], skip_special=False)!r} {p:.4f}" for t, p in top)
-
-
-# -----------------------------------------------------------------------------
-# ProsQA's graph. A record carries idx_to_symbol (node names), edges ([parent, child] index pairs:
-# "Every <parent> is a <child>", or "<person> is a <child>" for a person), root (the person asked
-# about), target (the answer) and neg_target (the other option). The steps walk a shortest path
-# from root to target, so step i names a node at shortest distance i from the root.
-
-def children(record):
-    kids = [[] for _ in record["idx_to_symbol"]]
-    for parent, child in record["edges"]:
-        kids[parent].append(child)
-    return kids
-
-
-def parents(record):
-    ps = [[] for _ in record["idx_to_symbol"]]
-    for parent, child in record["edges"]:
-        ps[child].append(parent)
-    return ps
-
-
-def _bfs(adjacent, sources, n):
-    """Shortest number of hops from any source along `adjacent`; None where never reached."""
-    dist = [None] * n
-    queue = deque(sources)
-    for s in sources:
-        dist[s] = 0
-    while queue:
-        u = queue.popleft()
-        for v in adjacent[u]:
-            if dist[v] is None:
-                dist[v] = dist[u] + 1
-                queue.append(v)
-    return dist
-
-
-def depths(record):
-    """Shortest distance from the root to each node (None: unreachable from the root)."""
-    return _bfs(children(record), [record["root"]], len(record["idx_to_symbol"]))
-
-
-def frontier(record, i):
-    """
-    The frontier at thought i: the nodes whose shortest distance from the root is exactly i, i.e. the
-    level a breadth-first search reaches at step i. (The paper's "children of Alex" after thought 1,
-    "grandchildren" after thought 2.) Thought i stands for step i, which names such a node.
-    """
-    return {v for v, d in enumerate(depths(record)) if d == i}
-
-
-def heights(record):
-    """A node's height: its shortest distance to a leaf (a node with no children; leaves have 0)."""
-    kids = children(record)
-    leaves = [v for v, k in enumerate(kids) if not k]
-    return _bfs(parents(record), leaves, len(kids))
-
-
-def leads_to_target(record):
-    """The nodes from which the target is reachable (the target itself included): the "correct" ones."""
-    dist = _bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
-    return {v for v, d in enumerate(dist) if d is not None}
-
-
-def check_graph(record, where):
-    for key in ("idx_to_symbol", "edges", "root", "target"):
-        if key not in record:
-            raise ValueError(f"{where}: --analyze needs ProsQA records with a graph (no field '{key}')")
-
-
-def thought_stats(raw, record, i):
-    """
-    One thought, one record. raw[v]: the probability the thought gives node v (see node_probs_*).
-    Values are normalised over the graph's nodes (all of them, people included), so that a thought
-    which puts little mass on names at all still compares; that raw mass is kept as node_mass.
-    Returns None when no node sits at level i.
-    """
-    F_i = frontier(record, i)
-    if not F_i:
-        return None
-    total = sum(raw)
-    values = [r / total for r in raw] if total > 0 else [0.0] * len(raw)
-    good, h = leads_to_target(record), heights(record)
-    ranked = sorted((values[v] for v in F_i), reverse=True)
-    return dict(
-        node_mass=total,                                      # how much of the distribution is on nodes at all
-        frontier=sum(values[v] for v in F_i),                 # the rest (1 - frontier) is on other nodes
-        top=[sum(ranked[:k]) for k in (1, 2, 3)],             # paper Fig. 8: cumulative top-1/2/3 frontier values
-        nodes=[(h[v], v in good, values[v]) for v in F_i])    # paper Fig. 9: value by height, correct or not
-
-
-def summarize(stats_by_thought):
-    """
-    stats_by_thought: {i: [thought_stats(...) per record]}. Returns (rows by thought, rows by height):
-    means over the records whose frontier at i is not empty, and mean values of frontier nodes that
-    lead to the target ("correct") and that do not, per thought and per height (pooled over thoughts).
-    """
-    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
-    by_thought, by_height = [], defaultdict(lambda: ([], []))
-    for i in sorted(stats_by_thought):
-        ss = [s for s in stats_by_thought[i] if s is not None]
-        nodes = [n for s in ss for n in s["nodes"]]
-        for height, good, value in nodes:
-            by_height[height][0 if good else 1].append(value)
-        by_thought.append(dict(
-            thought=i, records=len(ss), node_mass=mean([s["node_mass"] for s in ss]),
-            frontier=mean([s["frontier"] for s in ss]), other=mean([1 - s["frontier"] for s in ss]),
-            top1=mean([s["top"][0] for s in ss]), top2=mean([s["top"][1] for s in ss]),
-            top3=mean([s["top"][2] for s in ss]),
-            correct=mean([v for _, g, v in nodes if g]), incorrect=mean([v for _, g, v in nodes if not g])))
-    heights_ = sorted(h for h in by_height if h is not None)
-    rows = [dict(height=h, correct=mean(by_height[h][0]), n_correct=len(by_height[h][0]),
-                 incorrect=mean(by_height[h][1]), n_incorrect=len(by_height[h][1])) for h in heights_]
-    return by_thought, rows
-
-
-def node_first_tokens(record, tok):
-    """
-    The rule of the "thought" probe: a node's probability is that of the first token of " " + its name
-    (the way a step writes it: "Every lempus is a ..."). A thought is one vector, so only a first token
-    can be read from it; with GPT-2's BPE two names may share a first token and then share a value.
-    """
-    return [tok.encode(" " + name)[0] for name in record["idx_to_symbol"]]
-
-
-@torch.no_grad()
-def node_probs_thought(model, thoughts, record, tok):
-    """Per thought: [p(first token of node v)] from softmax(lm_head(thought))."""
-    ids = torch.tensor(node_first_tokens(record, tok))
-    probs = F.softmax(model.gpt.lm_head(thoughts.to(model.gpt.lm_head.weight)).float(), dim=-1)  # (n, V)
-    return probs[:, ids].cpu().tolist()
-
-
-@torch.no_grad()
-def node_probs_language(model, tokenized, record, cfg, tok, n, batch_size=32):
-    """
-    The paper's own probe: after k thoughts switch back to language; the next step reads "Every
-    [node] is a ...", so a node's value is p(" " + name | prompt with k thoughts, "Every"), the
-    product of its tokens' probabilities (p("lempus") = p("le") p("mp") p("us")). For k = 1..n.
-    """
-    names = [tok.encode(" " + s) for s in record["idx_to_symbol"]]
-    every = tok.encode("Every")
-    rows, spans = [], []
-    for k in range(1, n + 1):
-        head = prompt(tokenized, cfg, None, tok, n_latent=k) + every
-        for name in names:
-            spans.append((k, len(head), name))
-            rows.append(head + name)
-    out = defaultdict(list)
-    device = next(model.parameters()).device
-    for i in range(0, len(rows), batch_size):
-        b = collate(rows[i:i + batch_size], pad_id=model.eos_id, latent_id=model.latent_id)
-        hidden, _ = model.think(*(b[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")))
-        left = (b["attention_mask"].argmax(1)).tolist()  # the left padding of each row
-        for r, (k, start, name) in enumerate(spans[i:i + batch_size]):
-            cols = [left[r] + start + j - 1 for j in range(len(name))]  # the positions predicting the name
-            # lm_head only there: over GPT-2's 50k tokens at every position it would cost far more
-            logp = F.log_softmax(model.gpt.lm_head(hidden[r, cols]).float(), dim=-1)  # (len(name), V)
-            out[k].append(math.exp(float(logp[torch.arange(len(name)), name].sum())))
-    return [out[k] for k in range(1, n + 1)]
 
 
 # -----------------------------------------------------------------------------
@@ -309,8 +115,8 @@ def load_model(args):
         where = f"--ckpt {path}" if args.ckpt else path + ("" if args.out_dir else " (train.py's default out_dir)")
         raise FileNotFoundError(f"no model to answer with: {where} does not exist; train one with train.py, "
                                 f"or pass --out_dir or --ckpt")
-    # train.load_checkpoint's errors are one line already (missing, truncated, foreign, mismatched files)
-    model, tok, ckpt = train.load_checkpoint(path, device=train.resolve_device(args.device))
+    # load_checkpoint's errors are one line already (missing, truncated, foreign, mismatched files)
+    model, tok, ckpt = load_checkpoint(path, device=resolve_device(args.device))
     return model.eval(), tok, ckpt, path
 
 
@@ -349,11 +155,11 @@ def run(args):
         return analyze(model, tok, records, tokenized, cfg, stage, latents[0], args)
 
     if args.eval:
-        # train.evaluate: the very function train.py's validation accuracy comes from
+        # coconut.evaluate: the very function train.py's validation accuracy comes from
         print(f"{'thoughts':>8} {'accuracy':>9} {'correct':>9} {'tokens/q':>9} {'new/q':>7} {'s/q':>8}")
         for n in latents:
             prompts = [prompt(t, cfg, stage, tok, n) for t in tokenized]
-            r = train.evaluate(model, tok, prompts, [rec["answer"] for rec in records], max_new, args.batch_size)
+            r = evaluate(model, tok, prompts, [rec["answer"] for rec in records], max_new, args.batch_size)
             # "thoughts" counts the continuous thoughts fed back; tokens/q adds the generated tokens
             # (the paper's "# tokens"); with the default a record may have fewer (pad_latent_to_max 0)
             label = f"{r['mean_thoughts']:g}" + ("" if n is not None else " (default)")
@@ -363,14 +169,14 @@ def run(args):
         return 0
 
     prompts = [prompt(t, cfg, stage, tok, latents[0]) for t in tokenized]
-    outs, thoughts = train.generate_batched(model, prompts, max_new, args.batch_size)
+    outs, thoughts = generate_batched(model, prompts, max_new, args.batch_size)
     correct = 0
     for i, (rec, pr, out, th) in enumerate(zip(records, prompts, outs, thoughts)):
         q = rec["question"] if len(rec["question"]) <= 120 else "..." + rec["question"][-117:]
         print(f"[{i + 1}] Q: {q}")
         mark = ""
         if answered:
-            ok = train.is_correct(pr, out, rec["answer"], tok)
+            ok = is_correct(pr, out, rec["answer"], tok)
             correct += ok
             mark = "  (correct)" if ok else f"  (wrong; expected {rec['answer']!r})"
         print(f"    A: {tok.decode(out).strip()!r}{mark}")
@@ -388,26 +194,26 @@ def analyze(model, tok, records, tokenized, cfg, stage, n_latent, args):
     if not model.feedback:
         raise ValueError(f"--analyze reads continuous thoughts: a {cfg.get('mode')} model has none")
     for i, r in enumerate(records):
-        check_graph(r, f"record {i}")
+        analysis.check_graph(r, f"record {i}")
     prompts = [prompt(t, cfg, stage, tok, n_latent) for t in tokenized]
     stats = defaultdict(list)
     if args.probe == "thought":
-        _, thoughts = train.generate_batched(model, prompts, 1, args.batch_size)  # only the thoughts are needed
+        _, thoughts = generate_batched(model, prompts, 1, args.batch_size)  # only the thoughts are needed
         for rec, th in zip(records, thoughts):
-            for i, raw in enumerate(node_probs_thought(model, th, rec, tok)):
-                stats[i + 1].append(thought_stats(raw, rec, i + 1))
+            for i, raw in enumerate(analysis.node_probs_thought(model, th, rec, tok)):
+                stats[i + 1].append(analysis.thought_stats(raw, rec, i + 1))
     else:
         for rec, t, pr in zip(records, tokenized, prompts):
             n = pr.count(tok.latent_id)
-            for i, raw in enumerate(node_probs_language(model, t, rec, cfg, tok, n, args.batch_size)):
-                stats[i + 1].append(thought_stats(raw, rec, i + 1))
+            for i, raw in enumerate(analysis.node_probs_language(model, t, rec, cfg, tok, n, args.batch_size)):
+                stats[i + 1].append(analysis.thought_stats(raw, rec, i + 1))
     if not stats:
         raise ValueError("no continuous thoughts to analyze: use --latent N with N > 0")
-    by_thought, by_height = summarize(stats)
+    by_thought, by_height = analysis.summarize(stats)
     print(f"node values ({args.probe} probe) normalised over each graph's nodes; the frontier at thought i: "
           f"the nodes i hops from the root; correct: the target is reachable from it")
     if args.probe == "thought":
-        firsts = [node_first_tokens(r, tok) for r in records]
+        firsts = [analysis.node_first_tokens(r, tok) for r in records]
         shared = sum(len(f) - len(set(f)) for f in firsts)
         if shared:
             print(f"note: {shared} of {sum(map(len, firsts))} nodes repeat the first token of another node of "
@@ -431,7 +237,7 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:
         # One line, no traceback: a missing or corrupt checkpoint, a bad data file, a prompt longer
         # than the model's block_size, --latent on a model without thoughts.
-        print(f"sample.py: error: {train.first_line(e)}", file=sys.stderr)
+        print(f"sample.py: error: {first_line(e)}", file=sys.stderr)
         return 1
 
 

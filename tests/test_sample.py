@@ -13,8 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import analysis
 import sample
 import train
+from checkpoint import load_checkpoint
+from coconut import evaluate, generate_batched
+from curriculum import is_correct, prompt
 from coconut import Coconut
 from curriculum import compact_tokenizer, tokenize
 from gpt import GPT, GPTConfig
@@ -34,10 +38,10 @@ GRAPH = dict(question="Every apus is a dpus. Alex is a apus. Alex is a bpus. Ale
 
 
 def test_graph_functions():
-    assert sample.depths(GRAPH) == [0, 1, 1, 1, 2, 2, 3]
-    assert sample.heights(GRAPH) == [1, 2, 1, 0, 1, 0, 0]
-    assert sample.leads_to_target(GRAPH) == {0, 1, 4, 6}
-    assert [sample.frontier(GRAPH, i) for i in range(5)] == [{0}, {1, 2, 3}, {4, 5}, {6}, set()]
+    assert analysis.depths(GRAPH) == [0, 1, 1, 1, 2, 2, 3]
+    assert analysis.heights(GRAPH) == [1, 2, 1, 0, 1, 0, 0]
+    assert analysis.leads_to_target(GRAPH) == {0, 1, 4, 6}
+    assert [analysis.frontier(GRAPH, i) for i in range(5)] == [{0}, {1, 2, 3}, {4, 5}, {6}, set()]
 
 
 def test_analysis_by_hand():
@@ -46,7 +50,7 @@ def test_analysis_by_hand():
            2: [0.0, 0.1, 0.0, 0.0, 0.6, 0.2, 0.1],    # 1.0 on nodes
            3: [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],    # nothing on nodes: all values 0
            4: [0.1] * 7}                              # no node at depth 4: skipped
-    stats = {i: [sample.thought_stats(r, GRAPH, i)] for i, r in raw.items()}
+    stats = {i: [analysis.thought_stats(r, GRAPH, i)] for i, r in raw.items()}
     assert stats[4] == [None]
     s1 = stats[1][0]
     assert s1["node_mass"] == pytest.approx(0.7)
@@ -55,7 +59,7 @@ def test_analysis_by_hand():
     assert sorted((h, good, round(v, 9)) for h, good, v in s1["nodes"]) == [
         (0, False, round(1 / 7, 9)), (1, False, round(2 / 7, 9)), (2, True, round(3 / 7, 9))]
 
-    by_thought, by_height = sample.summarize(stats)
+    by_thought, by_height = analysis.summarize(stats)
     assert [r["thought"] for r in by_thought] == [1, 2, 3, 4]
     t1, t2, t3, t4 = by_thought
     assert t1["records"] == 1 and t4["records"] == 0 and math.isnan(t4["frontier"])
@@ -80,15 +84,15 @@ def test_thought_probe_on_a_stub_model():
     head = torch.nn.Linear(V, V, bias=False)
     head.weight.data = torch.eye(V)
     stub = SimpleNamespace(gpt=SimpleNamespace(lm_head=head))
-    ids = sample.node_first_tokens(GRAPH, tok)
+    ids = analysis.node_first_tokens(GRAPH, tok)
     assert len(set(ids)) == 7 and all(len(tok.encode(" " + n)) == 1 for n in GRAPH["idx_to_symbol"])
     p = torch.full((2, V), 0.0)
     p[0, ids] = torch.tensor([0.0, 0.3, 0.2, 0.1, 0.05, 0.05, 0.0])
     p[1, ids] = torch.tensor([0.0, 0.1, 0.0, 0.0, 0.6, 0.2, 0.1])
     p[0, 0] = 0.3  # the rest of thought 1 on a token that is no node
-    raw = sample.node_probs_thought(stub, torch.log(p.clamp(min=1e-12)), GRAPH, tok)
+    raw = analysis.node_probs_thought(stub, torch.log(p.clamp(min=1e-12)), GRAPH, tok)
     assert raw == [pytest.approx(r, abs=1e-6) for r in p[:, ids].tolist()]
-    s = sample.thought_stats(raw[0], GRAPH, 1)
+    s = analysis.thought_stats(raw[0], GRAPH, 1)
     assert s["node_mass"] == pytest.approx(0.7) and s["frontier"] == pytest.approx(6 / 7)
 
 
@@ -112,19 +116,19 @@ def test_batched_answers_equal_one_at_a_time():
     model = tiny_model(tok)
     cfg = dict(mode="coconut", c_thought=1, max_latent_stage=6)
     # mixed question lengths and numbers of thoughts: collate left-pads to align the first latents
-    prompts = [sample.prompt(tokenize(r, tok), cfg, 7, tok, n) for r, n in zip(records, (3, 0, 6, 1, 3))]
+    prompts = [prompt(tokenize(r, tok), cfg, 7, tok, n) for r, n in zip(records, (3, 0, 6, 1, 3))]
     assert len({len(p) for p in prompts}) == 5
-    outs, thoughts = train.generate_batched(model, prompts, max_new_tokens=12, batch_size=5)
+    outs, thoughts = generate_batched(model, prompts, max_new_tokens=12, batch_size=5)
     for i, p in enumerate(prompts):
-        o, t = train.generate_batched(model, [p], max_new_tokens=12, batch_size=1)
+        o, t = generate_batched(model, [p], max_new_tokens=12, batch_size=1)
         assert o[0] == outs[i]
         assert t[0].shape == thoughts[i].shape == (p.count(tok.latent_id), 32)
         assert torch.allclose(t[0], thoughts[i], atol=1e-4)
     assert len({tuple(o) for o in outs}) > 1  # the answers are not all the same
     # train.evaluate (what --eval and train.py's validation use) sorts by length and pads: same answers
     answers = ["x"] * len(prompts)
-    many = train.evaluate(model, tok, prompts, answers, 12, batch_size=5)["outputs"]
-    ones = train.evaluate(model, tok, prompts, answers, 12, batch_size=1)["outputs"]
+    many = evaluate(model, tok, prompts, answers, 12, batch_size=5)["outputs"]
+    ones = evaluate(model, tok, prompts, answers, 12, batch_size=1)["outputs"]
     assert [o["text"] for o in many] == [o["text"] for o in ones] == [tok.decode(o) for o in outs]
 
 
@@ -133,16 +137,16 @@ def test_prompt_shapes():
     t = tokenize(GRAPH, tok)
     q, S, E, L = t.question, tok.start_id, tok.end_id, tok.latent_id
     coconut = dict(mode="coconut", c_thought=2, max_latent_stage=3, pad_latent_to_max=True)
-    assert sample.prompt(t, coconut, 4, tok) == q + [S] + [L] * 6 + [E]   # the last stage: M*c
-    assert sample.prompt(t, coconut, 1, tok) == q + [S] + [L] * 2 + [E]   # a checkpoint saved at stage 1
-    assert sample.prompt(t, coconut, 4, tok, 0) == q + [S, E]
-    assert sample.prompt(t, coconut, 4, tok, 9) == q + [S] + [L] * 9 + [E]
-    assert sample.prompt(t, dict(mode="cot"), 0, tok) == q
-    assert sample.prompt(t, dict(mode="pause", c_thought=1, max_latent_stage=6), 0, tok, 2) == q + [L, L]
+    assert prompt(t, coconut, 4, tok) == q + [S] + [L] * 6 + [E]   # the last stage: M*c
+    assert prompt(t, coconut, 1, tok) == q + [S] + [L] * 2 + [E]   # a checkpoint saved at stage 1
+    assert prompt(t, coconut, 4, tok, 0) == q + [S, E]
+    assert prompt(t, coconut, 4, tok, 9) == q + [S] + [L] * 9 + [E]
+    assert prompt(t, dict(mode="cot"), 0, tok) == q
+    assert prompt(t, dict(mode="pause", c_thought=1, max_latent_stage=6), 0, tok, 2) == q + [L, L]
     with pytest.raises(ValueError, match="no continuous thoughts"):
-        sample.prompt(t, dict(mode="nocot"), 0, tok, 1)
-    assert train.is_correct(q, tok.encode("Alex is a fpus.\n### Alex is a fpus.") + [tok.eos_id], "Alex is a fpus.", tok)
-    assert not train.is_correct(q, tok.encode("### Alex is a epus."), "Alex is a fpus.", tok)
+        prompt(t, dict(mode="nocot"), 0, tok, 1)
+    assert is_correct(q, tok.encode("Alex is a fpus.\n### Alex is a fpus.") + [tok.eos_id], "Alex is a fpus.", tok)
+    assert not is_correct(q, tok.encode("### Alex is a epus."), "Alex is a fpus.", tok)
 
 
 # -----------------------------------------------------------------------------
@@ -182,15 +186,15 @@ def test_language_probe_scores_whole_names():
     model = tiny_model(tok, seed=1)
     cfg = dict(mode="coconut", c_thought=1, max_latent_stage=6)
     t = tokenize(graph, tok)
-    got = sample.node_probs_language(model, t, graph, cfg, tok, n=3, batch_size=5)
+    got = analysis.node_probs_language(model, t, graph, cfg, tok, n=3, batch_size=5)
     assert len(got) == 3 and all(len(g) == 7 for g in got)
     for k in (1, 3):
-        head = sample.prompt(t, cfg, None, tok, k) + tok.encode("Every")
+        head = prompt(t, cfg, None, tok, k) + tok.encode("Every")
         for v in (0, 3):
             name = tok.encode(" " + names[v])
             ids = torch.tensor([head + name])
             with torch.no_grad():
-                _, logits = model(ids, torch.ones_like(ids), ids, torch.arange(ids.size(1))[None])
+                _, logits = model(ids, torch.ones_like(ids), ids, torch.arange(ids.size(1))[None], with_logits=True)
             p = torch.softmax(logits[0], -1)
             want = math.prod(p[len(head) - 1 + j, name[j]].item() for j in range(len(name)))
             assert got[k - 1][v] == pytest.approx(want, rel=1e-4)
@@ -234,7 +238,7 @@ def eval_rows(out):
 def test_eval_equals_training_validation(run_dir, capsys):
     ms = metrics(run_dir)
     for ckpt_name, latents in (("best.pt", []), ("ckpt.pt", ["--latent", "2", "0"])):
-        epoch = train.load_checkpoint(str(run_dir / ckpt_name))[2]["epoch"] + 1
+        epoch = load_checkpoint(str(run_dir / ckpt_name))[2]["epoch"] + 1
         m = ms[epoch]
         assert sample.main(["--ckpt", str(run_dir / ckpt_name), "--eval", "--batch_size", "5"] + latents) == 0
         rows = eval_rows(capsys.readouterr().out)
@@ -247,7 +251,7 @@ def test_eval_equals_training_validation(run_dir, capsys):
     # --out_dir finds best.pt; answers printed with the official rule agree with --eval
     assert sample.main(["--out_dir", str(run_dir), "--split", "valid"]) == 0
     out = capsys.readouterr().out
-    best = ms[train.load_checkpoint(str(run_dir / "best.pt"))[2]["epoch"] + 1]
+    best = ms[load_checkpoint(str(run_dir / "best.pt"))[2]["epoch"] + 1]
     assert f"accuracy {best['val_correct']}/{best['val_total']} " in out
     assert out.count("(correct)") == best["val_correct"]
 
@@ -258,7 +262,7 @@ def test_show_thoughts_are_softmax_of_lm_head(run_dir, capsys):
                         "--latent", "3"]) == 0
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  thought ")]
     assert len(lines) == 3 * 3
-    model, tok, ckpt = train.load_checkpoint(path)
+    model, tok, ckpt = load_checkpoint(path)
     records = json.load(open(run_dir.parent / "data" / "tiny" / "valid.json"))[:3]
     got = iter(lines)
     for r in records:  # one question at a time, the thoughts straight from Coconut.generate

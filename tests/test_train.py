@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint
+from coconut import evaluate
 from curriculum import compact_tokenizer, make_question, tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,16 +75,16 @@ def test_end_to_end(data_dir, tmp_path, capsys):
     assert metrics[3]["train_loss"] < 0.6 * metrics[0]["train_loss"]  # it learns
     assert all(m["val_total"] == 6 for m in metrics)
 
-    model, tok, ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    model, tok, ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert not model.training and ckpt["epoch"] == 3 and ckpt["stage"] == 1 and ckpt["step"] == 24
     assert ckpt["config"]["mode"] == "coconut" and ckpt["config"]["lr"] == 1e-2
-    best, _, best_ckpt = train.load_checkpoint(str(out / "best.pt"))
+    best, _, best_ckpt = load_checkpoint(str(out / "best.pt"))
     assert best_ckpt["best_acc"] == max(m["val_acc"] for m in metrics)
     # generate from the loaded model: the same answers as the run's last validation
     records = json.load(open(data_dir / "tiny" / "valid.json"))
     prompts = [make_question(tokenize(r, tok), 1, "coconut", 1, 2, True, tok) for r in records]
     assert all(p.count(tok.latent_id) == 1 for p in prompts)
-    r = train.evaluate(model, tok, prompts, [x["answer"] for x in records], 24, batch_size=4)
+    r = evaluate(model, tok, prompts, [x["answer"] for x in records], 24, batch_size=4)
     assert r["correct"] == metrics[-1]["val_correct"] and r["mean_thoughts"] == 1.0
     assert r["mean_new_tokens"] == pytest.approx(metrics[-1]["mean_new_tokens"])
 
@@ -107,10 +109,10 @@ def test_answer_rule():
 
     outs = [tok.encode("### Alex is a fpus."), tok.encode(" Alex is a fpus."), tok.encode("## 1000")]
     model = Stub(outs)
-    r = train.evaluate(model, tok, [q, q, q], ["Alex is a fpus.", " Alex is a fpus.", "1,000"], 8, batch_size=3)
+    r = evaluate(model, tok, [q, q, q], ["Alex is a fpus.", " Alex is a fpus.", "1,000"], 8, batch_size=3)
     assert [o["correct"] for o in r["outputs"]] == [True, True, True]
     assert [o["prediction"] for o in r["outputs"]] == ["Alex is a fpus.", "Alex is a fpus.", "1000"]
-    r = train.evaluate(model, tok, [q[:-1], q[:-1]], ["Alex is a fpus.", "Alex is a fpus."], 8, batch_size=2)
+    r = evaluate(model, tok, [q[:-1], q[:-1]], ["Alex is a fpus.", "Alex is a fpus."], 8, batch_size=2)
     assert [o["correct"] for o in r["outputs"]] == [True, False]  # no '#' at all: the whole text is the prediction
     assert r["acc"] == 0.5 and r["total"] == 2 and r["mean_new_tokens"] == pytest.approx((len(outs[0]) + len(outs[1])) / 2)
 
@@ -165,7 +167,7 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
 # Bad input: one line, no traceback
 
 def test_bad_options(data_dir, tmp_path, capsys):
-    for argv, words in ((["--dataset", "nope"], "unknown data set"), (["--no_such_option"], "unrecognized"),
+    for argv, words in ((["--dataset", "../nope"], "folder name"), (["--no_such_option"], "unrecognized"),
                         (["--mode", "magic"], "invalid choice"), (["--epochs", "0"], "--epochs")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
@@ -191,7 +193,7 @@ def test_corrupt_checkpoints(data_dir, tmp_path, capsys):
     assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(out), "--epochs", "1"]) == 0
     good = (out / "ckpt.pt").read_bytes()
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        train.load_checkpoint(str(tmp_path / "nope.pt"))
+        load_checkpoint(str(tmp_path / "nope.pt"))
     cases = {"truncated.pt": good[:len(good) // 2], "text.pt": b"not a checkpoint at all"}
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
@@ -202,7 +204,7 @@ def test_corrupt_checkpoints(data_dir, tmp_path, capsys):
     for name, words in (("truncated.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
                         ("foreign.pt", "not a checkpoint of train.py"), ("wrong_keys.pt", "do not fit")):
         with pytest.raises(ValueError) as e:
-            train.load_checkpoint(str(tmp_path / name))
+            load_checkpoint(str(tmp_path / name))
         assert words in str(e.value) and name in str(e.value) and "\n" not in str(e.value), str(e.value)
     # --resume from a damaged checkpoint, or a changed setting: one line
     (out / "ckpt.pt").write_bytes(good[:1000])
@@ -270,11 +272,11 @@ def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
     cot, coco = str(tmp_path / "cot"), str(tmp_path / "coco")
     assert train.main(TINY + ["--data_dir", str(data_dir), "--init_from", folder, "--mode", "cot", "--epochs", "1",
                               "--out_dir", cot]) == 0
-    _, tok, ck = train.load_checkpoint(os.path.join(cot, "best.pt"))
+    _, tok, ck = load_checkpoint(os.path.join(cot, "best.pt"))
     assert ck["model_args"]["vocab_size"] == 50257 and ck["tokenizer"] == {"kind": "gpt2"}
     assert train.main(TINY + ["--data_dir", str(data_dir), "--init_from", os.path.join(cot, "best.pt"),
                               "--start_epoch", "1", "--out_dir", coco]) == 0
     metrics = [json.loads(line) for line in open(os.path.join(coco, "metrics.jsonl"))]
     assert [(m["epoch"], m["stage"]) for m in metrics] == [(2, 1), (3, 2)]
-    model, _, ck = train.load_checkpoint(os.path.join(coco, "ckpt.pt"))
+    model, _, ck = load_checkpoint(os.path.join(coco, "ckpt.pt"))
     assert ck["model_args"]["vocab_size"] == 50260 and model.feedback and ck["config"]["dropout"] == 0.1

@@ -1,0 +1,520 @@
+"""
+What continuous thoughts hold: pure functions from records, thoughts and model outputs to numbers.
+sample.py prints them (--analyze) and tests/test_analysis.py checks them on hand-built graphs.
+
+ProsQA (Coconut paper, Section 5): decoded thoughts put their probability on several nodes of the
+breadth-first frontier at once, and nodes of low height are told apart better than high ones.
+"""
+import math
+import re
+from collections import defaultdict, deque
+
+import torch
+from torch.nn import functional as F
+
+from curriculum import collate, prompt
+
+
+# -----------------------------------------------------------------------------
+# ProsQA's graph. A record carries idx_to_symbol (node names), edges ([parent, child] index pairs:
+# "Every <parent> is a <child>", or "<person> is a <child>" for a person), root (the person asked
+# about), target (the answer) and neg_target (the other option). The steps walk a shortest path
+# from root to target, so step i names a node at shortest distance i from the root.
+
+def children(record):
+    kids = [[] for _ in record["idx_to_symbol"]]
+    for parent, child in record["edges"]:
+        kids[parent].append(child)
+    return kids
+
+
+def parents(record):
+    ps = [[] for _ in record["idx_to_symbol"]]
+    for parent, child in record["edges"]:
+        ps[child].append(parent)
+    return ps
+
+
+def _bfs(adjacent, sources, n):
+    """Shortest number of hops from any source along `adjacent`; None where never reached."""
+    dist = [None] * n
+    queue = deque(sources)
+    for s in sources:
+        dist[s] = 0
+    while queue:
+        u = queue.popleft()
+        for v in adjacent[u]:
+            if dist[v] is None:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
+def depths(record):
+    """Shortest distance from the root to each node (None: unreachable from the root)."""
+    return _bfs(children(record), [record["root"]], len(record["idx_to_symbol"]))
+
+
+def frontier(record, i):
+    """
+    The frontier at thought i: the nodes whose shortest distance from the root is exactly i, i.e. the
+    level a breadth-first search reaches at step i. (The paper's "children of Alex" after thought 1,
+    "grandchildren" after thought 2.) Thought i stands for step i, which names such a node.
+    """
+    return {v for v, d in enumerate(depths(record)) if d == i}
+
+
+def heights(record):
+    """A node's height: its shortest distance to a leaf (a node with no children; leaves have 0)."""
+    kids = children(record)
+    leaves = [v for v, k in enumerate(kids) if not k]
+    return _bfs(parents(record), leaves, len(kids))
+
+
+def leads_to_target(record):
+    """The nodes from which the target is reachable (the target itself included): the "correct" ones."""
+    dist = _bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
+    return {v for v, d in enumerate(dist) if d is not None}
+
+
+def check_graph(record, where):
+    for key in ("idx_to_symbol", "edges", "root", "target"):
+        if key not in record:
+            raise ValueError(f"{where}: --analyze needs ProsQA records with a graph (no field '{key}')")
+
+
+def thought_stats(raw, record, i):
+    """
+    One thought, one record. raw[v]: the probability the thought gives node v (see node_probs_*).
+    Values are normalised over the graph's nodes (all of them, people included), so that a thought
+    which puts little mass on names at all still compares; that raw mass is kept as node_mass.
+    Returns None when no node sits at level i.
+    """
+    F_i = frontier(record, i)
+    if not F_i:
+        return None
+    total = sum(raw)
+    values = [r / total for r in raw] if total > 0 else [0.0] * len(raw)
+    good, h = leads_to_target(record), heights(record)
+    ranked = sorted((values[v] for v in F_i), reverse=True)
+    return dict(
+        node_mass=total,                                      # how much of the distribution is on nodes at all
+        frontier=sum(values[v] for v in F_i),                 # the rest (1 - frontier) is on other nodes
+        top=[sum(ranked[:k]) for k in (1, 2, 3)],             # paper Fig. 8: cumulative top-1/2/3 frontier values
+        nodes=[(h[v], v in good, values[v]) for v in F_i])    # paper Fig. 9: value by height, correct or not
+
+
+def summarize(stats_by_thought):
+    """
+    stats_by_thought: {i: [thought_stats(...) per record]}. Returns (rows by thought, rows by height):
+    means over the records whose frontier at i is not empty, and mean values of frontier nodes that
+    lead to the target ("correct") and that do not, per thought and per height (pooled over thoughts).
+    """
+    mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
+    by_thought, by_height = [], defaultdict(lambda: ([], []))
+    for i in sorted(stats_by_thought):
+        ss = [s for s in stats_by_thought[i] if s is not None]
+        nodes = [n for s in ss for n in s["nodes"]]
+        for height, good, value in nodes:
+            by_height[height][0 if good else 1].append(value)
+        by_thought.append(dict(
+            thought=i, records=len(ss), node_mass=mean([s["node_mass"] for s in ss]),
+            frontier=mean([s["frontier"] for s in ss]), other=mean([1 - s["frontier"] for s in ss]),
+            top1=mean([s["top"][0] for s in ss]), top2=mean([s["top"][1] for s in ss]),
+            top3=mean([s["top"][2] for s in ss]),
+            correct=mean([v for _, g, v in nodes if g]), incorrect=mean([v for _, g, v in nodes if not g])))
+    heights_ = sorted(h for h in by_height if h is not None)
+    rows = [dict(height=h, correct=mean(by_height[h][0]), n_correct=len(by_height[h][0]),
+                 incorrect=mean(by_height[h][1]), n_incorrect=len(by_height[h][1])) for h in heights_]
+    return by_thought, rows
+
+
+def node_first_tokens(record, tok):
+    """
+    The rule of the "thought" probe: a node's probability is that of the first token of " " + its name
+    (the way a step writes it: "Every lempus is a ..."). A thought is one vector, so only a first token
+    can be read from it; with GPT-2's BPE two names may share a first token and then share a value.
+    """
+    return [tok.encode(" " + name)[0] for name in record["idx_to_symbol"]]
+
+
+@torch.no_grad()
+def node_probs_thought(model, thoughts, record, tok):
+    """Per thought: [p(first token of node v)] from softmax(lm_head(thought))."""
+    ids = torch.tensor(node_first_tokens(record, tok))
+    probs = F.softmax(model.gpt.lm_head(thoughts.to(model.gpt.lm_head.weight)).float(), dim=-1)  # (n, V)
+    return probs[:, ids].cpu().tolist()
+
+
+@torch.no_grad()
+def node_probs_language(model, tokenized, record, cfg, tok, n, batch_size=32):
+    """
+    The paper's own probe: after k thoughts switch back to language; the next step reads "Every
+    [node] is a ...", so a node's value is p(" " + name | prompt with k thoughts, "Every"), the
+    product of its tokens' probabilities (p("lempus") = p("le") p("mp") p("us")). For k = 1..n.
+    """
+    names = [tok.encode(" " + s) for s in record["idx_to_symbol"]]
+    every = tok.encode("Every")
+    rows, spans = [], []
+    for k in range(1, n + 1):
+        head = prompt(tokenized, cfg, None, tok, n_latent=k) + every
+        for name in names:
+            spans.append((k, len(head), name))
+            rows.append(head + name)
+    out = defaultdict(list)
+    device = next(model.parameters()).device
+    for i in range(0, len(rows), batch_size):
+        b = collate(rows[i:i + batch_size], pad_id=model.eos_id, latent_id=model.latent_id)
+        hidden, _ = model.think(*(b[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")))
+        left = (b["attention_mask"].argmax(1)).tolist()  # the left padding of each row
+        for r, (k, start, name) in enumerate(spans[i:i + batch_size]):
+            cols = [left[r] + start + j - 1 for j in range(len(name))]  # the positions predicting the name
+            # lm_head only there: over GPT-2's 50k tokens at every position it would cost far more
+            logp = F.log_softmax(model.gpt.lm_head(hidden[r, cols]).float(), dim=-1)  # (len(name), V)
+            out[k].append(math.exp(float(logp[torch.arange(len(name)), name].sum())))
+    return [out[k] for k in range(1, n + 1)]
+
+
+# -----------------------------------------------------------------------------
+# Superposition ("Reasoning by Superposition", Zhu, Hao et al. 2025, arXiv 2505.12514; Section 5).
+# A Coconut model trained from scratch on symbolic ProsQA (one token per node) keeps, in thought i, a
+# superposition of every node i hops from the root. The paper shows it two ways, per thought i:
+#   - the inner product of thought i with each node's input embedding, averaged over four node groups
+#     (not reachable < reachable < frontier < optimal);
+#   - the attention of the second layer, while thought i is computed, on the question's edges "a b",
+#     grouped by their source node: it reads the edges that leave the current frontier.
+# The groups (node_groups) use shortest distances from the root. (The authors' notebook grows its
+# frontier by walks of exactly i edges, which in a DAG can also hold nodes whose shortest distance is
+# smaller; "reachable" is the same either way.)
+
+GROUPS = ("not_reachable", "reachable", "frontier", "optimal")
+
+
+def to_target(record):
+    """Shortest distance from each node to the target (None: the target is not below it)."""
+    return _bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
+
+
+def node_groups(record, i):
+    """
+    The paper's four node groups at hop i (thought i stands for hop i; i = 0 is the root alone):
+      reachable      within i hops of the root, the root included
+      not_reachable  every other node of the graph (the other seed, its descendants, deeper nodes)
+      frontier       exactly i hops from the root (shortest distance)
+      optimal        the hop-i nodes of SOME shortest root-to-target path: depth(v) = i and
+                     depth(v) + dist(v, target) = depth(target)  (the authors' neighbor_k[i])
+    frontier and optimal are subsets of reachable; optimal is a subset of frontier.
+    """
+    d, up = depths(record), to_target(record)
+    D = d[record["target"]]
+    n = len(d)
+    reachable = {v for v in range(n) if d[v] is not None and d[v] <= i}
+    frontier = {v for v in reachable if d[v] == i}
+    optimal = {v for v in frontier if D is not None and up[v] is not None and d[v] + up[v] == D}
+    return dict(not_reachable=set(range(n)) - reachable, reachable=reachable, frontier=frontier, optimal=optimal)
+
+
+def thought_node_products(thoughts, node_embeddings):
+    """
+    thoughts (n, C): the vectors fed back at the latent positions; node_embeddings (n_nodes, C): each
+    node's input embedding (its row of wte). -> (n, n_nodes) inner products <thought i, e_v>: a thought
+    that is a superposition sum_v a_v e_v of nearly orthogonal embeddings gives about a_v for node v.
+    """
+    return thoughts.float() @ node_embeddings.float().T  # (n, C) @ (C, n_nodes) -> (n, n_nodes)
+
+
+def group_means(values_per_thought, record):
+    """
+    values_per_thought: a list over thoughts i = 1..n of per-node values (one per idx_to_symbol entry,
+    e.g. a row of thought_node_products). -> {i: {group: mean over the group's nodes}}.
+    An empty group (no optimal node at a hop past the target, no frontier past the deepest node) has
+    NO entry, so that average_groups skips this record for it instead of averaging a nan.
+    """
+    out = {}
+    for i, values in enumerate(values_per_thought, start=1):
+        values = [float(x) for x in values]
+        groups = node_groups(record, i)
+        out[i] = {g: sum(values[v] for v in groups[g]) / len(groups[g]) for g in GROUPS if groups[g]}
+    return out
+
+
+def average_groups(per_record):
+    """
+    per_record: a list of {i: {group: value}} (group_means or edge_attention_by_group per record).
+    -> {i: {group: (mean over the records that have the entry, how many records that is)}}.
+    Each record weighs the same. (The authors' notebook pools nodes over all records instead, so a
+    record with a large group weighs more; the ordering of the groups is what the paper reads.)
+    """
+    acc = defaultdict(lambda: defaultdict(list))
+    for rec in per_record:
+        for i, row in rec.items():
+            for g, v in row.items():
+                acc[i][g].append(v)
+    return {i: {g: (sum(acc[i][g]) / len(acc[i][g]), len(acc[i][g])) for g in GROUPS if acc[i][g]}
+            for i in sorted(acc)}
+
+
+def node_token_ids(record, tok):
+    """Each node's single token id: tok.encode(name) must be exactly one token (symbolic data)."""
+    ids = []
+    for name in record["idx_to_symbol"]:
+        t = tok.encode(name)
+        if len(t) != 1:
+            raise ValueError(f"node {name!r} is {len(t)} tokens: the superposition analysis needs one token per "
+                             f"node (symbolic data such as data/prosqa_graph, with its symbol tokenizer)")
+        ids.append(t[0])
+    return ids
+
+
+def _one_token(tok, symbol):
+    t = tok.encode(symbol)
+    if len(t) != 1:
+        raise ValueError(f"{symbol!r} is {len(t)} tokens: edge_columns reads symbolic questions (one token per symbol)")
+    return t[0]
+
+
+def edge_columns(question_ids, record, tok):
+    """
+    The columns that write each edge in a tokenized symbolic question "a b | c d | ... [Q] x y [R] r"
+    (curriculum.graph_question, edges possibly shuffled; anything before the first edge, such as a
+    leading <eos>, is allowed). -> a list over e of record["edges"]: [column of a, column of b].
+    Edges are matched by reading the tokens back, never by assuming the record's order.
+    (The authors' notebook also counts the "|" after an edge and leaves the last edge out; here an
+    edge is exactly its two symbols.)
+    """
+    node = {t: v for v, t in enumerate(node_token_ids(record, tok))}
+    bar, q = _one_token(tok, "|"), _one_token(tok, "[Q]")
+    ids = [int(t) for t in question_ids]
+    if q not in ids:
+        raise ValueError("edge_columns: no [Q] in the question")
+    where = defaultdict(list)  # (a, b) -> the edge indices with those ends, in record order
+    for e, (a, b) in enumerate(record["edges"]):
+        where[(a, b)].append(e)
+    cols = [None] * len(record["edges"])
+    ends = [p for p in range(ids.index(q)) if ids[p + 1] in (bar, q)]  # the column of each edge's "b"
+    for p in ends:
+        a, b = node.get(ids[p - 1]) if p >= 1 else None, node.get(ids[p])
+        if a is None or b is None or not where[(a, b)]:
+            raise ValueError(f"edge_columns: columns {p - 1}, {p} do not write an edge of the record")
+        cols[where[(a, b)].pop(0)] = [p - 1, p]
+    if None in cols:
+        raise ValueError(f"edge_columns: edge {record['edges'][cols.index(None)]} is not in the question")
+    return cols
+
+
+def edge_attention_by_group(probs_row, edge_spans, record, i):
+    """
+    The paper's attention table (Zhu et al. 2025; layer 2 in their 2-layer model): probs_row (T,) is one
+    layer's attention of the query that computes thought i (i = 1..L), summed over heads;
+    edge_spans[e] the question columns of edge e (edge_columns). An edge's mass is the sum of
+    probs_row over its columns. -> {group: mean mass over the edges of that group}, empty groups omitted.
+
+    Our reading of "step i": the query that COMPUTES thought i (in this project's format the column
+    start + i - 1, <|start-latent|> for i = 1; in the authors' code the last input position after
+    i - 1 latents). Thought i is to hold hop i, so it must read the edges that LEAVE hop i - 1:
+      - an edge's group is its source node's group at hop i - 1 (node_groups(record, i - 1));
+      - an optimal edge: source optimal at hop i - 1 and target optimal at hop i (equivalently, the
+        edge lies on a shortest root-to-target path, as its i-th edge).
+    Evidence: at step 1 the reference table gives reachable = frontier (2.12 both), which holds only
+    if the groups are taken at hop 0 ({root} both); and the authors' notebook, for n_step = i - 1
+    latents, groups by the frontier after n_step hops and checks the target against neighbor_k[n_step + 1].
+    """
+    src = node_groups(record, i - 1)
+    next_optimal = node_groups(record, i)["optimal"]
+    probs_row = probs_row.float()  # (T,)
+    masses = defaultdict(list)
+    for (a, b), cols in zip(record["edges"], edge_spans):
+        m = float(probs_row[cols].sum())
+        for g in ("not_reachable", "reachable", "frontier"):
+            if a in src[g]:
+                masses[g].append(m)
+        if a in src["optimal"] and b in next_optimal:
+            masses["optimal"].append(m)
+    return {g: sum(masses[g]) / len(masses[g]) for g in GROUPS if masses[g]}
+
+
+def attention_probs(gpt, inputs_embeds, position_ids=None, attention_mask=None):
+    """
+    The softmax attention probabilities of every layer of gpt (gpt.GPT) on inputs_embeds (B, T, C),
+    from one uncached pass -> a list over layers of (B, n_head, T, T), row = query, column = key.
+    gpt's attention runs F.scaled_dot_product_attention, which returns no weights, so forward hooks on
+    each block's attn.c_attn recompute them from its output: q and k are its first two thirds,
+    scores q k^T / sqrt(head size), with the same mask gpt itself uses (causal; padding keys off when
+    attention_mask (B, T) is given). The hooks are removed afterwards, even on an error.
+    """
+    B, T, C = inputs_embeds.shape
+    mask = gpt._attention_mask(attention_mask, B, T, 0, inputs_embeds.device)  # (B|1, 1, T, T) or None
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=inputs_embeds.device).tril()[None, None]  # causal
+    probs, handles = [], []
+
+    def hook_for(n_head):
+        def hook(module, inputs, out):  # out (B, T, 3C): q, k, v side by side
+            q, k = out[..., :C], out[..., C:2 * C]  # (B, T, C) each; v is not needed
+            q, k = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2).float() for t in (q, k))  # (B, nh, T, hs)
+            att = q @ k.transpose(-2, -1) / math.sqrt(C // n_head)  # (B, nh, T, T)
+            probs.append(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1))
+        return hook
+
+    try:
+        for block in gpt.transformer.h:  # blocks run in order, so probs[l] is layer l
+            handles.append(block.attn.c_attn.register_forward_hook(hook_for(block.attn.n_head)))
+        with torch.no_grad():
+            gpt(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
+                with_logits=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return probs
+
+
+def filled_embeddings(gpt, input_ids, thoughts, latent_id):
+    """
+    The input embeddings exactly as Coconut fed them: wte(input_ids) (B, T, C) with row b's <|latent|>
+    columns, in order, replaced by thoughts[b] (n_b, C). One uncached pass over them reproduces the
+    model's cached passes (the same thoughts, the same attention).
+    """
+    embeds = gpt.transformer.wte(input_ids).clone()  # (B, T, C)
+    for b, th in enumerate(thoughts):
+        cols = (input_ids[b] == latent_id).nonzero().flatten()[:len(th)]
+        embeds[b, cols] = th[:len(cols)].to(embeds)
+    return embeds
+
+
+@torch.no_grad()
+def superposition_tables(model, tok, records, prompts, batch_size=32, thoughts=None):
+    """
+    The two tables of Zhu et al. (2025) for a Coconut model on symbolic ProsQA. prompts: per record,
+    the question + <|start-latent|> + L x <|latent|> + <|end-latent|> (curriculum.prompt).
+    thoughts: the (n, C) thoughts per prompt if already computed (coconut.generate_batched), else run.
+    -> dict(inner={i: {group: (mean, records)}}: <thought i, node embedding> by node group;
+            attention=[per layer {i: {group: (mean, records)}}]: attention mass of the query that computes
+            thought i (column start + i - 1) on the question's edges, summed over heads, by edge group).
+    """
+    from coconut import generate_batched  # coconut imports nothing from here; kept local all the same
+    if not model.feedback:
+        raise ValueError("the superposition analysis reads continuous thoughts: this model feeds none back")
+    was_training = model.training
+    model.eval()
+    try:
+        if thoughts is None:
+            _, thoughts = generate_batched(model, prompts, 1, batch_size)
+        device = next(model.parameters()).device
+        wte = model.gpt.transformer.wte.weight.detach().float().cpu()  # (V, C)
+        inner, attention = [], [[] for _ in model.gpt.transformer.h]
+        for s in range(0, len(prompts), batch_size):
+            idx = list(range(s, min(s + batch_size, len(prompts))))
+            b = collate([prompts[j] for j in idx], pad_id=model.eos_id, latent_id=model.latent_id)
+            ids = b["input_ids"].to(device)  # (B, T), left-padded so the first latents share a column
+            embeds = filled_embeddings(model.gpt, ids, [thoughts[j] for j in idx], model.latent_id)
+            probs = attention_probs(model.gpt, embeds, b["position_ids"].to(device), b["attention_mask"].to(device))
+            for r, j in enumerate(idx):
+                rec, th = records[j], thoughts[j].float().cpu()
+                inner.append(group_means(thought_node_products(th, wte[node_token_ids(rec, tok)]).tolist(), rec))
+                left = int(b["attention_mask"][r].argmax())  # this row's left padding
+                spans = [[left + c for c in cols] for cols in edge_columns(prompts[j], rec, tok)]
+                start = left + list(prompts[j]).index(model.start_id)  # the query for thought 1
+                for layer, p in enumerate(probs):  # p: (B, nh, T, T)
+                    attention[layer].append({i: edge_attention_by_group(p[r, :, start + i - 1].sum(0).cpu(),
+                                                                        spans, rec, i)
+                                             for i in range(1, len(th) + 1)})
+    finally:
+        model.train(was_training)
+    return dict(inner=average_groups(inner), attention=[average_groups(a) for a in attention])
+
+
+# -----------------------------------------------------------------------------
+# Reasoning paths (Coconut paper, Section 5.2 and Figure 5). After k continuous thoughts the model
+# switches back to language and writes the rest of its path, then "### " and the answer. The paper
+# sorts each output by the path it writes, which tells a right answer reached by a shortest path
+# from one reached by a longer path, a made-up edge, or a path to the other option.
+
+PATH_CATEGORIES = ("correct_path", "longer_path", "hallucination", "wrong_target", "correct_label", "incorrect_label")
+SENTENCE = re.compile(r"(?:[Ee]very\s+)?(\S+)\s+is\s+an?\s+(\S+)")  # "X is a Y" / "Every X is a Y"
+
+
+def _parse_chain(before, record, k):
+    """
+    The path written before the answer -> (first node, [(X, Y) edges]) in node indices, [] edges if none;
+    None when a name is unknown or a sentence does not parse (the model wrote something not in the graph).
+    """
+    index = {name: v for v, name in enumerate(record["idx_to_symbol"])}
+    symbolic = "." not in before and not re.search(r"\bis\b", before)
+    if symbolic:  # data/prosqa_graph: one node name per step, each the next node of the path
+        names = before.split()
+        if names and names[-1] == "[A]":
+            names = names[:-1]
+        if not names:
+            return None, []
+        if any(n not in index for n in names):
+            return None
+        nodes = [index[n] for n in names]
+        if k == 0:
+            nodes = [record["root"]] + nodes  # the first step names a child of the root
+        return nodes[0], list(zip(nodes, nodes[1:]))  # after k thoughts: the first named node is at hop k+1
+    edges = []
+    for sentence in (s.strip() for s in re.split(r"[.\n]+", before)):
+        if not sentence:
+            continue
+        m = SENTENCE.fullmatch(sentence)
+        if m is None or m.group(1) not in index or m.group(2) not in index:
+            return None
+        edges.append((index[m.group(1)], index[m.group(2)]))
+    return (edges[0][0] if edges else None), edges
+
+
+def classify_path(text, record, k=0):
+    """
+    The category of the output `text` generated after k continuous thoughts (Coconut Figure 5):
+      1. Split at the last "#": the answer follows "### ". The part before it is the path, written as
+         sentences "X is a Y." / "Every X is a Y." (X, Y node names of idx_to_symbol), or, for symbolic
+         data (data/prosqa_graph: no "." and no "is"), as node names separated by whitespace, each the
+         next node of the path: the chain starts at the node after the root (k = 0, the root is
+         prepended) or, after k thoughts, at the first node named (hop k+1).
+      2. No step: "correct_label" if the answer is right by the official rule
+         (text.split("#")[-1].replace(",", "").strip() == answer.replace(",", "").strip()), else
+         "incorrect_label".
+      3. "hallucination": a name that is not a node, a sentence that does not parse, an edge X -> Y that
+         is not in the graph, a chain that is not connected (each X must be the previous Y), or a first
+         node that is not reachable from the root (the thoughts stood for the first k hops).
+      4. "wrong_target": a valid chain that ends at a node other than the target (e.g. neg_target).
+      5. Ends at the target: hops = depth(first node) + number of edges; "correct_path" if that is
+         depth(target) (a shortest path), "longer_path" if more.
+    Text without any "#" is all path (the answer never came).
+    """
+    cut = text.rfind("#")
+    before = (text[:cut] if cut >= 0 else text).replace("#", " ")
+    parsed = _parse_chain(before, record, k)
+    if parsed is None:
+        return "hallucination"
+    first, edges = parsed
+    if first is None:  # no step: the model answered directly
+        answer = text.split("#")[-1].replace(",", "").strip()
+        return "correct_label" if answer == record["answer"].replace(",", "").strip() else "incorrect_label"
+    graph = {tuple(e) for e in record["edges"]}
+    d = depths(record)
+    if d[first] is None or any(e not in graph for e in edges):
+        return "hallucination"
+    if any(x != y_prev for (_, y_prev), (x, _) in zip(edges, edges[1:])):
+        return "hallucination"  # not connected
+    end = edges[-1][1] if edges else first
+    if end != record["target"]:
+        return "wrong_target"
+    return "correct_path" if d[first] + len(edges) == d[record["target"]] else "longer_path"
+
+
+def path_table(labels_by_k, correct_by_k):
+    """
+    labels_by_k: {k: [classify_path label per output]}, correct_by_k: {k: [answer correct? per output]}.
+    -> one row per k: dict(k, n, acc, and the share of each PATH_CATEGORIES label; the shares sum to 1).
+    """
+    rows = []
+    for k in sorted(labels_by_k):
+        labels, correct = labels_by_k[k], correct_by_k[k]
+        if len(labels) != len(correct):
+            raise ValueError(f"k={k}: {len(labels)} labels but {len(correct)} answers")
+        n = len(labels)
+        row = dict(k=k, n=n, acc=sum(map(bool, correct)) / n if n else float("nan"))
+        row.update({c: (labels.count(c) / n if n else float("nan")) for c in PATH_CATEGORIES})
+        rows.append(row)
+    return rows

@@ -1,0 +1,112 @@
+"""
+Checkpoints of train.py, and what every script needs to load one: the device and one-line errors.
+
+A checkpoint is one dict, torch.save'd to a temporary file and renamed over the old one, so that a
+crash or a SIGKILL at any moment leaves either the old checkpoint or the new one, never half of one.
+It holds only tensors, numbers, strings, lists, tuples and dicts: it loads with
+torch.load(weights_only=True), which never runs code from the file.
+
+    format      CKPT_FORMAT
+    model       the GPT's state_dict;  model_args: its GPTConfig as a dict
+    coconut     {"feedback": bool}: does <|latent|> feed hidden states back (False: pause as thought)
+    tokenizer   curriculum.Tokenizer.to_dict()
+    config      the run's settings (train.py's flags, resolved)
+    epoch, stage, step, epoch_step, epoch_complete, best_acc, metrics, ...: where the run stands
+    optimizer, rng  (ckpt.pt only, not best.pt): what an exact resume needs
+"""
+import dataclasses
+import os
+
+import torch
+
+from coconut import Coconut
+from curriculum import Tokenizer
+from gpt import GPT, GPTConfig
+
+CKPT_FORMAT = "coconut-train/1"
+CKPT_KEYS = ("format", "model", "model_args", "coconut", "tokenizer", "config", "epoch", "stage")
+
+
+def first_line(e):
+    """An exception as one line: what every script prints instead of a traceback."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def resolve_device(name, local_rank=0):
+    """'auto' is cuda > mps > cpu; 'cuda' means this process's GPU under torchrun."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and local_rank:
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here")
+        torch.cuda.set_device(device)
+    return device
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+    os.replace(tmp, path)
+
+
+def checkpoint_body(model, tok, config, **progress):
+    """What best.pt holds (ckpt.pt adds the optimizer and the random states)."""
+    return dict(format=CKPT_FORMAT, model=model.gpt.state_dict(), model_args=dataclasses.asdict(model.gpt.config),
+                coconut=dict(feedback=model.feedback), tokenizer=tok.to_dict(), config=dict(config), **progress)
+
+
+def read_checkpoint(path, device="cpu"):
+    """The checkpoint dict, checked; one-line errors for a missing, truncated or foreign file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated zip, not a zip, pickled foreign objects...: all the same to the user
+        # torch's own message for pickled objects advises weights_only=False, which would run the
+        # file's code: never pass that advice on.
+        why = "it holds objects other than tensors and plain data" if "weights_only" in str(e) else first_line(e)
+        raise ValueError(f"{path}: not a readable checkpoint ({why})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of train.py (no format {CKPT_FORMAT!r})")
+    missing = [k for k in CKPT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: corrupt checkpoint (missing {', '.join(missing)})")
+    for k in ("model", "model_args", "coconut", "tokenizer", "config"):
+        if not isinstance(ckpt[k], dict):
+            raise ValueError(f"{path}: corrupt checkpoint ({k} is a {type(ckpt[k]).__name__}, not a dict)")
+    return ckpt
+
+
+def gpt_from_checkpoint(ckpt, path, dropout=None):
+    args = dict(ckpt["model_args"])
+    if dropout is not None:
+        args["dropout"] = dropout
+    try:
+        gpt = GPT(GPTConfig(**args))
+        gpt.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError, AssertionError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint (the weights do not fit the model: {first_line(e)})") from None
+    return gpt
+
+
+def tokenizer_from_checkpoint(ckpt, path):
+    try:
+        return Tokenizer.from_dict(ckpt["tokenizer"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: corrupt checkpoint (tokenizer: {first_line(e)})") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """-> (model, tok, ckpt): the Coconut model in eval mode, its tokenizer, and the checkpoint dict
+    (ckpt["config"] = the run's settings, ckpt["stage"], ckpt["epoch"], ckpt["metrics"], ...)."""
+    ckpt = read_checkpoint(path, device)
+    gpt = gpt_from_checkpoint(ckpt, path)
+    tok = tokenizer_from_checkpoint(ckpt, path)
+    model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id,
+                    feedback=bool(ckpt["coconut"].get("feedback", True)))
+    return model.to(device).eval(), tok, ckpt
