@@ -261,7 +261,9 @@ def tokenize(record, tok=None):
 #   pause_as_thought  the same data as coconut; the model keeps <|latent|> an ordinary token
 #   no_curriculum     "w/o curriculum": coconut's final stage (M+1) from the first epoch
 #   pause             "pause token": question + M*c pause tokens (<|latent|>) + answer, no steps, no markers
-MODES = ("coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause")
+#   icot              iCoT (Deng et al. 2024): the chain's first tokens removed, a growing number per step;
+#                     its "stage" is that number (see the iCoT section at the end)
+MODES = ("coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause", "icot")
 CURRICULUM_MODES = ("coconut", "no_thought", "pause_as_thought")  # those whose data follow the stage
 
 
@@ -273,7 +275,7 @@ def _check_mode(mode):
 def stage_for_epoch(epoch, epochs_per_stage, mode, max_latent_stage=6):
     """The stage an epoch trains (official run.py); make_example/make_question then shape by mode."""
     _check_mode(mode)
-    if mode in ("cot", "nocot"):
+    if mode in ("cot", "nocot", "icot"):  # icot's count follows the optimizer step: removal_schedule
         return 0
     if mode == "no_curriculum":
         return max_latent_stage + 1
@@ -297,6 +299,8 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     per record and a choice() only when it fires (rng defaults to the random module itself).
     """
     _check_mode(mode)
+    if mode == "icot":
+        return make_icot_example(tokenized, stage)
     tok = tok or gpt2_tokenizer()
     q, steps, a = tokenized
     M, c = max_latent_stage, c_thought
@@ -332,7 +336,7 @@ def make_question(tokenized, stage, mode="coconut", c_thought=1, max_latent_stag
     tok = tok or gpt2_tokenizer()
     q, steps, _ = tokenized
     M, c = max_latent_stage, c_thought
-    if mode in ("cot", "nocot", "no_thought"):
+    if mode in ("cot", "nocot", "no_thought", "icot"):
         return list(q)  # no markers, no thoughts: the model writes its steps (or not) itself
     if mode == "pause":
         return q + [tok.latent_id] * (M * c)
@@ -345,7 +349,7 @@ def make_question(tokenized, stage, mode="coconut", c_thought=1, max_latent_stag
 # Prompt shapes by training mode (MODES): which carry the markers, which carry bare pauses.
 MARKED = ("coconut", "pause_as_thought", "no_curriculum")  # question <start> N x <latent> <end>
 PAUSED = ("pause",)                                        # question N x <latent>, no markers
-PLAIN = ("cot", "nocot", "no_thought")                     # the question alone: no thoughts at all
+PLAIN = ("cot", "nocot", "no_thought", "icot")             # the question alone: no thoughts at all
 
 
 def final_stage(cfg, ckpt):

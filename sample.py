@@ -1,19 +1,23 @@
 """
-Ask a trained Coconut questions, look inside its continuous thoughts, evaluate it, and measure the
-breadth-first-like search the paper reports on ProsQA (Section 5: decoded thoughts hold several
-frontier nodes at once, and nodes of low height are told apart better than high ones).
+Ask a trained Coconut questions, look inside its continuous thoughts, evaluate it, and measure what
+the thoughts hold: the breadth-first-like search of the Coconut paper on ProsQA (Section 5: decoded
+thoughts hold several frontier nodes at once), the reasoning paths of its Figure 5, and the
+superposition groups of "Reasoning by Superposition" on the symbolic prosqa_graph.
 
+    python sample.py --latent 6                                     # a first look: 3 answers, their thoughts
     python sample.py --question "Every wumpus is a yumpus. Alex is a wumpus. Is Alex a yumpus or rompus?"
-    python sample.py --split valid --n 5 --show_thoughts           # the checkpoint's data set
     python sample.py --file my_questions.json --latent 3
     python sample.py --split test --eval --latent 0 1 2 3 4 5 6     # accuracy by number of thoughts
-    python sample.py --split valid --analyze                        # ProsQA: the search in the thoughts
-    python sample.py --out_dir out-demo/coconut --dataset tiny --split valid --n 3 --show_thoughts
+    python sample.py --split valid --analyze --plot search.png      # the search in the thoughts
+    python sample.py --split valid --paths --latent 0 1 2 3 4 5 6   # Figure 5: path types after k thoughts
+    python sample.py --out_dir out-prosqa_graph-coconut --analyze   # superposition: groups and attention
+    python sample.py --out_dir out-demo/coconut --plot run.png      # a run's losses and accuracy
 
 The model is <out_dir>/best.pt (best validation accuracy; out_dir defaults to train.py's
-out-<dataset>-coconut) unless --ckpt names a file. A Coconut prompt is the question, <|start-latent|>,
-N x <|latent|>, <|end-latent|>; N defaults to what the checkpoint's stage uses (the validation prompts
-of its training run), and --latent N sets it. The model then answers greedily in language.
+out-<dataset>-coconut, then to the CPU demo's out-demo/coconut) unless --ckpt names a file. A Coconut
+prompt is the question, <|start-latent|>, N x <|latent|>, <|end-latent|>; N defaults to what the
+checkpoint's stage uses (the validation prompts of its training run), and --latent N sets it. The
+model then answers greedily in language.
 """
 import argparse
 import os
@@ -24,9 +28,10 @@ import torch
 from torch.nn import functional as F
 
 import analysis
+import plots
 from checkpoint import first_line, load_checkpoint, resolve_device
 from coconut import evaluate, generate_batched
-from curriculum import final_stage, is_correct, load_records, prompt, tokenize
+from curriculum import final_stage, is_correct, load_records, load_split, prompt, tokenize
 
 # -----------------------------------------------------------------------------
 # Thoughts
@@ -60,10 +65,11 @@ def nonneg_int(s):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default=None, help="a training run's folder: its best.pt answers "
-                                                   "(default: train.py's out-<dataset>-coconut)")
+    p.add_argument("--out_dir", default=None, help="a training run's folder: its best.pt answers (default: "
+                                                   "train.py's out-<dataset>-coconut, else the demo's out-demo/coconut)")
     p.add_argument("--ckpt", default=None, help="a checkpoint file instead (best.pt or ckpt.pt of train.py)")
-    src = p.add_argument_group("questions (one source)")
+    src = p.add_argument_group("questions (one source; default: the first 3 validation questions of the "
+                               "checkpoint's data set, with their thoughts decoded)")
     src.add_argument("--question", action="append", default=[], help="a question (repeatable)")
     src.add_argument("--file", default=None, help="records in the data sets' JSON format")
     src.add_argument("--split", default=None, choices=("train", "valid", "test"), help="a split of --dataset")
@@ -72,16 +78,24 @@ def parse_args(argv=None):
     src.add_argument("--n", type=int, default=None, help="only the first n records")
     p.add_argument("--latent", type=nonneg_int, nargs="+", default=None,
                    help="continuous thoughts per question (default: what the checkpoint's stage uses); "
-                        "several values with --eval give one row each")
+                        "several values with --eval or --paths give one row each")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the checkpoint's (128; GSM8k 64)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--show_thoughts", action="store_true", help="the top-k tokens each thought decodes to")
     p.add_argument("--top_k", type=int, default=5)
-    p.add_argument("--eval", action="store_true", help="accuracy, tokens and seconds per question over a split")
-    p.add_argument("--analyze", action="store_true", help="ProsQA: what the thoughts put on frontier nodes")
-    p.add_argument("--probe", default="thought", choices=("thought", "language"),
-                   help="--analyze node values: the thought itself through lm_head (first token of each name), "
-                        "or the paper's next step after k thoughts (the whole name)")
+    what = p.add_argument_group("analyses (one at a time)")
+    what.add_argument("--eval", action="store_true", help="accuracy, tokens and seconds per question over a split")
+    what.add_argument("--analyze", action="store_true",
+                      help="what the thoughts hold: ProsQA's frontier mass (text), or the superposition groups "
+                           "(symbolic prosqa_graph: inner products and attention by node group)")
+    what.add_argument("--paths", action="store_true",
+                      help="ProsQA, the paper's Figure 5: the reasoning path written after k thoughts, by type")
+    what.add_argument("--probe", default="thought", choices=("thought", "language"),
+                      help="--analyze on text ProsQA: the thought itself through lm_head (first token of each "
+                           "name), or the paper's next step after k thoughts (the whole name)")
+    what.add_argument("--plot", default=None, metavar="FILE.png",
+                      help="draw what --eval, --analyze or --paths print (alone: the run's losses and accuracy); "
+                           "needs matplotlib")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     args = p.parse_args(argv)
 
@@ -91,17 +105,17 @@ def parse_args(argv=None):
     n_sources = bool(args.question) + (args.file is not None) + (args.split is not None)
     if n_sources > 1:
         p.error("give one source of questions: --question, --file or --split (with --dataset)")
+    analyses = [k for k in ("eval", "analyze", "paths") if getattr(args, k)]
+    if len(analyses) > 1:
+        p.error(f"--{analyses[0]} and --{analyses[1]} run one at a time")
     if n_sources == 0:
-        if args.eval or args.analyze or args.dataset:
-            args.split = "valid"  # a data set's natural default
-        else:
-            p.error("nothing to answer: give --question, --file or --split (with --dataset)")
-    if (args.eval or args.analyze) and args.question:
-        p.error("--eval and --analyze need records with answers: --file or --split")
-    if args.eval and args.analyze:
-        p.error("--eval and --analyze run one at a time")
-    if args.latent is not None and len(args.latent) > 1 and not args.eval:
-        p.error("several --latent values need --eval")
+        args.split = "valid"  # a data set's natural default
+        if not analyses and not args.dataset and args.n is None:  # a first look: a few answers and their thoughts
+            args.n, args.show_thoughts = 3, True
+    if analyses and args.question:
+        p.error(f"--{analyses[0]} needs records with answers: --file or --split")
+    if args.latent is not None and len(args.latent) > 1 and not (args.eval or args.paths):
+        p.error("several --latent values need --eval or --paths")
     for k in ("n", "batch_size", "top_k", "max_new_tokens"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be at least 1")
@@ -109,11 +123,19 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    out_dir = args.out_dir or f"out-{args.dataset or 'prosqa'}-coconut"  # train.py's default out_dir
-    path = args.ckpt or os.path.join(out_dir, "best.pt")
-    if not os.path.isfile(path):
-        where = f"--ckpt {path}" if args.ckpt else path + ("" if args.out_dir else " (train.py's default out_dir)")
-        raise FileNotFoundError(f"no model to answer with: {where} does not exist; train one with train.py, "
+    """The checkpoint named, else the default run's (train.py's out_dir for the data set), else the CPU demo's."""
+    if args.ckpt or args.out_dir:
+        candidates = [args.ckpt or os.path.join(args.out_dir, "best.pt")]
+    else:
+        candidates = [os.path.join(f"out-{args.dataset or 'prosqa'}-coconut", "best.pt")]
+        if not args.dataset:
+            candidates.append(os.path.join("out-demo", "coconut", "best.pt"))
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        if args.ckpt or args.out_dir:
+            raise FileNotFoundError(f"no model to answer with: {candidates[0]} does not exist")
+        raise FileNotFoundError(f"no trained model yet ({' or '.join(candidates)}): make one with `python train.py "
+                                f"--demo` (CPU, minutes) or `python train.py --dataset prosqa` (the paper's run, a GPU), "
                                 f"or pass --out_dir or --ckpt")
     # load_checkpoint's errors are one line already (missing, truncated, foreign, mismatched files)
     model, tok, ckpt = load_checkpoint(path, device=resolve_device(args.device))
@@ -125,17 +147,14 @@ def load_questions(args, cfg):
     if args.question:
         return [{"question": q, "steps": [], "answer": ""} for q in args.question], False
     if args.file is not None:
-        path = args.file
+        records = load_records(args.file)  # one-line errors for a malformed file
+        if not records:
+            raise ValueError(f"{args.file}: no records")
     else:
         name = args.dataset or cfg.get("dataset")
         if not name:
             raise ValueError("which data set? the checkpoint does not say: pass --dataset")
-        path = os.path.join(args.data_dir or cfg.get("data_dir") or "data", name, f"{args.split}.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: make it with `python data/{name}/prepare.py`")
-    records = load_records(path)  # one-line errors for a malformed file
-    if not records:
-        raise ValueError(f"{path}: no records")
+        records = load_split(args.data_dir or cfg.get("data_dir") or "data", name, args.split)
     return records[:args.n], True
 
 
@@ -143,32 +162,22 @@ def run(args):
     model, tok, ckpt, path = load_model(args)
     cfg = ckpt.get("config", {})
     stage = final_stage(cfg, ckpt)
+    print(f"{path}: {cfg.get('mode', 'coconut')} on {cfg.get('dataset', '?')}, epoch {ckpt.get('epoch', -1) + 1}, "
+          f"stage {stage} (c_thought {cfg.get('c_thought', 1)}, max_latent_stage {cfg.get('max_latent_stage', 6)})")
+    if args.plot and not (args.eval or args.analyze or args.paths):
+        return draw(plots.plot_run, args.plot, ckpt.get("metrics", []), title=f"{cfg.get('mode')} on {cfg.get('dataset')}")
     records, answered = load_questions(args, cfg)
     tokenized = [tokenize(r, tok) for r in records]
     max_new = args.max_new_tokens or cfg.get("max_new_tokens") or 128
-    latents = args.latent or [None]
-    print(f"{path}: {cfg.get('mode', 'coconut')} on {cfg.get('dataset', '?')}, epoch {ckpt.get('epoch', -1) + 1}, "
-          f"stage {stage} (c_thought {cfg.get('c_thought', 1)}, max_latent_stage {cfg.get('max_latent_stage', 6)}); "
-          f"{len(records)} question(s)")
-
+    print(f"{len(records)} question(s)")
     if args.analyze:
-        return analyze(model, tok, records, tokenized, cfg, stage, latents[0], args)
-
+        return analyze(model, tok, records, tokenized, cfg, stage, (args.latent or [None])[0], args)
+    if args.paths:
+        return paths(model, tok, records, tokenized, cfg, max_new, args)
     if args.eval:
-        # coconut.evaluate: the very function train.py's validation accuracy comes from
-        print(f"{'thoughts':>8} {'accuracy':>9} {'correct':>9} {'tokens/q':>9} {'new/q':>7} {'s/q':>8}")
-        for n in latents:
-            prompts = [prompt(t, cfg, stage, tok, n) for t in tokenized]
-            r = evaluate(model, tok, prompts, [rec["answer"] for rec in records], max_new, args.batch_size)
-            # "thoughts" counts the continuous thoughts fed back; tokens/q adds the generated tokens
-            # (the paper's "# tokens"); with the default a record may have fewer (pad_latent_to_max 0)
-            label = f"{r['mean_thoughts']:g}" + ("" if n is not None else " (default)")
-            print(f"{label:>8} {100 * r['acc']:8.2f}% {r['correct']:>4}/{r['total']:<4} "
-                  f"{r['mean_thoughts'] + r['mean_new_tokens']:9.1f} {r['mean_new_tokens']:7.1f} "
-                  f"{r['seconds_per_question']:8.4f}")
-        return 0
+        return evaluate_latents(model, tok, records, tokenized, cfg, stage, max_new, args)
 
-    prompts = [prompt(t, cfg, stage, tok, latents[0]) for t in tokenized]
+    prompts = [prompt(t, cfg, stage, tok, (args.latent or [None])[0]) for t in tokenized]
     outs, thoughts = generate_batched(model, prompts, max_new, args.batch_size)
     correct = 0
     for i, (rec, pr, out, th) in enumerate(zip(records, prompts, outs, thoughts)):
@@ -190,12 +199,58 @@ def run(args):
     return 0
 
 
+def evaluate_latents(model, tok, records, tokenized, cfg, stage, max_new, args):
+    """One row per --latent value: coconut.evaluate, the very function train.py's validation accuracy comes from."""
+    print(f"{'thoughts':>8} {'accuracy':>9} {'correct':>9} {'tokens/q':>9} {'new/q':>7} {'s/q':>8}")
+    rows = []
+    for n in args.latent or [None]:
+        prompts = [prompt(t, cfg, stage, tok, n) for t in tokenized]
+        r = evaluate(model, tok, prompts, [rec["answer"] for rec in records], max_new, args.batch_size)
+        # "thoughts" counts the continuous thoughts fed back; tokens/q adds the generated tokens
+        # (the paper's "# tokens"); with the default a record may have fewer (pad_latent_to_max 0)
+        label = f"{r['mean_thoughts']:g}" + ("" if n is not None else " (default)")
+        print(f"{label:>8} {100 * r['acc']:8.2f}% {r['correct']:>4}/{r['total']:<4} "
+              f"{r['mean_thoughts'] + r['mean_new_tokens']:9.1f} {r['mean_new_tokens']:7.1f} "
+              f"{r['seconds_per_question']:8.4f}")
+        rows.append(dict(thoughts=r["mean_thoughts"], acc=r["acc"], tokens_per_q=r["mean_thoughts"] + r["mean_new_tokens"]))
+    return draw(plots.plot_eval, args.plot, rows) if args.plot else 0
+
+
+def paths(model, tok, records, tokenized, cfg, max_new, args):
+    """The paper's Figure 5: after k thoughts the model writes the rest of its path; sort each by type."""
+    for i, r in enumerate(records):
+        analysis.check_graph(r, f"record {i}")
+    ks = args.latent or list(range(cfg.get("max_latent_stage", 6) + 1))
+    labels, correct = {}, {}
+    for k in ks:
+        prompts = [prompt(t, cfg, None, tok, k) for t in tokenized]
+        outs, _ = generate_batched(model, prompts, max_new, args.batch_size)
+        labels[k] = [analysis.classify_path(tok.decode(o), r, k) for o, r in zip(outs, records)]
+        correct[k] = [is_correct(p, o, r["answer"], tok) for p, o, r in zip(prompts, outs, records)]
+    rows = analysis.path_table(labels, correct)
+    names = [c.replace("_", " ") for c in analysis.PATH_CATEGORIES]
+    print("the path written after k thoughts (the paper's Figure 5), share of questions; accuracy: the answer")
+    print(f"{'k':>3} " + " ".join(f"{n:>15}" for n in names) + f" {'accuracy':>9}")
+    for r in rows:
+        print(f"{r['k']:>3} " + " ".join(f"{100 * r[c]:14.1f}%" for c in analysis.PATH_CATEGORIES) +
+              f" {100 * r['acc']:8.1f}%")
+    return draw(plots.plot_paths, args.plot, rows) if args.plot else 0
+
+
+def draw(fn, path, *data, title=""):
+    out = fn(*data, path, title=title)
+    print(out if out != path else f"wrote {path}")
+    return 0
+
+
 def analyze(model, tok, records, tokenized, cfg, stage, n_latent, args):
     if not model.feedback:
         raise ValueError(f"--analyze reads continuous thoughts: a {cfg.get('mode')} model has none")
     for i, r in enumerate(records):
         analysis.check_graph(r, f"record {i}")
     prompts = [prompt(t, cfg, stage, tok, n_latent) for t in tokenized]
+    if tok.spec.get("kind") == "symbols":  # one token per node: the superposition paper's measures
+        return superposition(model, tok, records, prompts, args)
     stats = defaultdict(list)
     if args.probe == "thought":
         _, thoughts = generate_batched(model, prompts, 1, args.batch_size)  # only the thoughts are needed
@@ -227,7 +282,32 @@ def analyze(model, tok, records, tokenized, cfg, stage, n_latent, args):
     print(f"{'height':>6} {'correct':>8} {'(n)':>5} {'incorrect':>9} {'(n)':>5}")
     for r in by_height:
         print(f"{r['height']:>6} {r['correct']:8.3f} {r['n_correct']:>5} {r['incorrect']:9.3f} {r['n_incorrect']:>5}")
-    return 0
+    return draw(plots.plot_search, args.plot, by_thought, by_height) if args.plot else 0
+
+
+def superposition(model, tok, records, prompts, args):
+    """
+    "Reasoning by Superposition" (Zhu et al. 2025), its two tables in its layout: the inner product of
+    thought i with each node's input embedding, mean by node group; and per layer, the attention that the
+    position computing thought i pays to the question's edges, summed over heads, mean by edge group
+    (an edge belongs to its source node's group).
+    """
+    t = analysis.superposition_tables(model, tok, records, prompts, args.batch_size)
+    steps = sorted(t["inner"])
+    if not steps:
+        raise ValueError("no continuous thoughts to analyze: use --latent N with N > 0")
+    names = {g: g.replace("_", " ") for g in analysis.GROUPS}
+    cell = lambda table, i, g: f"{table[i][g][0]:9.2f}" if g in table.get(i, {}) else f"{'-':>9}"
+    print("mean inner product of thought i with the node embeddings, by node group (records in the mean)")
+    print(f"{'group':>14} " + " ".join(f"{f'thought {i}':>9}" for i in steps))
+    for g in analysis.GROUPS:
+        print(f"{names[g]:>14} " + " ".join(cell(t["inner"], i, g) for i in steps))
+    for layer, table in enumerate(t["attention"]):
+        print(f"layer {layer + 1}: attention mass on edges while thought i is computed (summed over heads), by edge group")
+        print(f"{'edge group':>14} " + " ".join(f"{f'step {i}':>9}" for i in steps))
+        for g in analysis.GROUPS:
+            print(f"{names[g]:>14} " + " ".join(cell(table, i, g) for i in steps))
+    return draw(plots.plot_superposition, args.plot, t) if args.plot else 0
 
 
 def main(argv=None):

@@ -33,8 +33,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (checkpoint_body, first_line, gpt_from_checkpoint, read_checkpoint, resolve_device,
                         save_atomic, tokenizer_from_checkpoint)
 from coconut import Coconut, evaluate, summarize_outputs
-from curriculum import (MODES, build_examples, collate, compact_tokenizer, gpt2_tokenizer, graph_question,
-                        load_split, looks_symbolic, make_question, stage_for_epoch, symbol_tokenizer, tokenize)
+from curriculum import (MODES, all_chains_removed, build_examples, check_length, collate, compact_tokenizer,
+                        gpt2_tokenizer, graph_question, load_split, looks_symbolic, make_icot_example, make_question,
+                        removal_distribution, removal_offsets, removal_schedule, stage_for_epoch, symbol_tokenizer,
+                        tokenize)
 from gpt import GPT, GPTConfig, HUB_SIZES
 
 # -----------------------------------------------------------------------------
@@ -65,6 +67,7 @@ DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
 # all but cot, no_thoughts and no_cot); and the modes that feed hidden states back as thoughts.
 LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause")
 FEEDBACK_MODES = ("coconut", "no_curriculum")
+ICOT_ALL = 10**6  # iCoT's "stage" once the whole chain is removed (an int, so that metrics.jsonl stays JSON)
 GPT2_COPY_FROM = "<<"  # the new rows start as copies of this token's row (id 16791), as in the official code
 
 # What a resumed run may change; a different value of anything else would make it another run.
@@ -113,17 +116,19 @@ def train(args):
     handlers = install_signal_handlers()
     try:
         for epoch in range(state["epoch"] + state["epoch_complete"], args.epochs):
-            stage = stage_for_epoch(epoch, args.stage_epochs, args.mode, args.max_latent_stage)
-            if state["epoch"] != epoch or state["epoch_complete"]:  # a new epoch, not one resumed half-way
+            examples, stage, resets = epoch_examples(train_records, train_tok, tok, epoch, args,
+                                                     model.gpt.config.block_size)
+            if state["epoch"] != epoch or state["epoch_complete"] or state["epoch_step"] == 0:  # not resumed half-way
                 state.update(epoch=epoch, stage=stage, epoch_step=0, epoch_complete=False, epoch_loss=[0.0, 0],
                              epoch_tokens=0)
                 if resets_optimizer(epoch, args):
                     optimizer = make_optimizer(model, args)
-            examples = epoch_examples(train_records, train_tok, tok, epoch, stage, args, model.gpt.config.block_size)
             steps = plan_steps(len(examples), epoch, args)
             model.train()
             meter = Meter(state["epoch_step"])
             for k in range(state["epoch_step"], len(steps)):
+                if k in resets:  # iCoT: a fresh AdamW whenever more of the chain is removed
+                    optimizer = make_optimizer(model, args)
                 batches = [[examples[i] for i in mb] for mb in steps[k][RANK::WORLD]]  # this process's share
                 loss, n_tokens, stop = train_step(step_model, batches, args, tok, device, autocast)
                 if not math.isfinite(loss):
@@ -242,14 +247,47 @@ def validation_accuracy(model, tok, tokenized, answers, stage, args, autocast):
 # -----------------------------------------------------------------------------
 # Data: each epoch's examples and its optimizer steps, from (seed, epoch) alone, so a resumed run rebuilds them
 
-def epoch_examples(records, tokenized, tok, epoch, stage, args, block_size):
-    """The epoch's training sequences. The rng draws the uniform_prob stages record by record, as the
-    official code does, after (with shuffle_graph) reshuffling each graph question's edges and options."""
+def epoch_examples(records, tokenized, tok, epoch, args, block_size):
+    """
+    -> (the epoch's training sequences, its stage, the steps before which iCoT resets the optimizer).
+    The rng draws the uniform_prob stages record by record, as the official code does, after (with
+    shuffle_graph) reshuffling each graph question's edges and options.
+    """
+    if args.mode == "icot":
+        return icot_examples(tokenized, epoch, args, block_size)
+    stage = stage_for_epoch(epoch, args.stage_epochs, args.mode, args.max_latent_stage)
     rng = random.Random(f"{args.seed}/{epoch}")
     if args.shuffle_graph:
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
-    return build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                          bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size=block_size)
+    examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
+                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size=block_size)
+    return examples, stage, set()
+
+
+def icot_examples(tokenized, epoch, args, block_size):
+    """
+    iCoT's epoch: each sequence loses the first (the count its step has scheduled + a random offset)
+    tokens of its chain (curriculum.removal_schedule, removal_offsets, one draw per micro-batch like the
+    authors' per batch). The "stage" is the count at the epoch's last step (ICOT_ALL: the whole chain),
+    which validation uses without offsets, as theirs does.
+    """
+    steps = plan_steps(len(tokenized), epoch, args)
+    schedule = removal_schedule(args.epochs, len(steps), args.remove_per_epoch, args.remove_all_when_remove_beyond)
+    offsets = removal_distribution(args.removal_smoothing_lambda)
+    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch + 7)
+    examples, resets, previous = [None] * len(tokenized), set(), None
+    for k, micro_batches in enumerate(steps):
+        count, grew = schedule[epoch][k]
+        if grew and not (previous and all_chains_removed(*previous)):
+            resets.add(k)
+        for mb in micro_batches:
+            n = [count + o for o in removal_offsets(len(mb), offsets, g)]
+            for i, n_i in zip(mb, n):
+                examples[i] = make_icot_example(tokenized[i], n_i)
+            previous = ([tokenized[i] for i in mb], n)
+    check_length(examples, block_size)
+    last = schedule[epoch][-1][0]
+    return examples, (ICOT_ALL if last == math.inf else last), resets
 
 
 def plan_steps(n, epoch, args):
@@ -587,6 +625,12 @@ def build_parser():
     d.add_argument("--shuffle_graph", type=int, default=None, choices=(0, 1),
                    help="rewrite each symbolic graph question with its edges and options reshuffled every epoch "
                         "(prosqa_graph: 1)")
+    i = p.add_argument_group("iCoT (--mode icot; the authors' src/train.py flags)")
+    i.add_argument("--remove_per_epoch", type=float, default=8.0, help="chain tokens removed per epoch")
+    i.add_argument("--removal_smoothing_lambda", type=float, default=4.0,
+                   help="each sequence loses Geometric(lambda) more tokens (inf: none)")
+    i.add_argument("--remove_all_when_remove_beyond", type=float, default=None,
+                   help="remove the whole chain once the count reaches this (inf; GSM8k 39)")
     m = p.add_argument_group("model")
     m.add_argument("--init_from", default=None,
                    help=f"{', '.join(HUB_SIZES)} (the default); a .safetensors file or a folder; a .pt checkpoint of "
@@ -658,8 +702,12 @@ def check_args(p, args):
     for k, v in {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, GENERIC)}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.reset_optimizer is None:
-        args.reset_optimizer = "never" if args.mode in ("cot", "nocot") else "epoch"
+    if args.reset_optimizer is None:  # iCoT resets whenever its count grows, not by epoch
+        args.reset_optimizer = "never" if args.mode in ("cot", "nocot", "icot") else "epoch"
+    if args.remove_all_when_remove_beyond is None:
+        args.remove_all_when_remove_beyond = 39.0 if args.dataset == "gsm8k" else math.inf
+    if not (args.remove_per_epoch > 0 and args.removal_smoothing_lambda > 0):
+        p.error("--remove_per_epoch and --removal_smoothing_lambda must be positive")
     for k in ("stage_epochs", "epochs", "batch_size", "grad_accum", "max_new_tokens", "n_layer", "n_head",
               "n_embd", "block_size", "eval_batch_size", "eval_every"):
         if getattr(args, k) < 1:

@@ -170,7 +170,8 @@ def one_error_line(r, code, *words):
 def test_bad_input(tmp_path):
     one_error_line(cli("--question", "Is Alex a fpus?", "--latent", "-1"), 2, "negative")
     one_error_line(cli("--question", "   "), 2, "empty")
-    one_error_line(cli(), 2, "nothing to answer")
+    # no source and no model: the first look says how to make a model
+    one_error_line(cli(cwd=str(tmp_path)), 1, "no trained model yet", "python train.py --demo")
     one_error_line(cli("--out_dir", str(tmp_path), "--question", "Is Alex a fpus?"), 1, "no model", "best.pt")
     one_error_line(cli("--ckpt", str(tmp_path / "nope.pt"), "--question", "Is Alex a fpus?"), 1, "nope.pt")
     (tmp_path / "best.pt").write_bytes(b"this is not a checkpoint")

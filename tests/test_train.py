@@ -142,6 +142,25 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
     assert strip(ma) == strip(mb)  # the same losses and accuracies, one line per epoch
 
 
+def test_icot_passes_its_counts_and_resumes_bit_identically(data_dir, tmp_path):
+    # iCoT: the count of removed chain tokens grows every 2 steps (round(6 steps per epoch / 4)), the optimizer
+    # is reset when it grows, and a run killed mid-epoch resumes to the same weights
+    common = TINY + ["--data_dir", str(data_dir), "--mode", "icot", "--remove_per_epoch", "4", "--save_every", "4"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    r = run_cli(common + ["--out_dir", a])
+    assert r.returncode == 0, r.stderr
+    metrics = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
+    assert [m["stage"] for m in metrics] == [2, 5, 8]  # the count at each epoch's last step (global 5, 11, 17)
+    assert [m["val_total"] for m in metrics] == [6, 6, 6]
+    r = run_cli(common + ["--out_dir", b], env={train.SIGNAL_HOOK: "9:KILL"})
+    assert r.returncode == -9
+    r = run_cli(["--out_dir", b, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert_same_weights(weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt")))
+    ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    assert ck["config"]["mode"] == "icot" and ck["model_args"]["vocab_size"] == ck["tokenizer"]["words"].__len__() + 260
+
+
 def test_ddp_two_processes_match_one(data_dir, tmp_path):
     common = TINY + ["--data_dir", str(data_dir), "--epochs", "2"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
