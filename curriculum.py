@@ -79,7 +79,11 @@ class Tokenizer:
 @lru_cache(maxsize=1)
 def gpt2_tokenizer():
     """GPT-2's BPE with the three latent tokens appended: 50257 start, 50258 end, 50259 latent."""
-    base = tiktoken.get_encoding("gpt2")  # offline through TIKTOKEN_CACHE_DIR
+    try:
+        base = tiktoken.get_encoding("gpt2")  # offline through TIKTOKEN_CACHE_DIR
+    except Exception as e:  # tiktoken downloads its two files once; offline that is a requests error
+        raise RuntimeError(f"tiktoken could not load GPT-2's BPE files ({type(e).__name__}): offline, set "
+                           f"TIKTOKEN_CACHE_DIR to a folder holding them (README: Install)") from None
     enc = tiktoken.Encoding(
         name="gpt2-coconut", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
         special_tokens={EOS: 50256, START: 50257, END: 50258, LATENT: 50259})
@@ -405,7 +409,7 @@ def check_length(examples, block_size, skip_long=False):
             keep.append(i)
         elif not skip_long:
             raise ValueError(f"example {i} is {n} tokens long, longer than block_size {block_size} "
-                             f"(skip_long=True drops such records)")
+                             f"(train.py --skip_long drops such examples)")
     if len(keep) < len(examples):
         print(f"skipped {len(examples) - len(keep)} of {len(examples)} examples longer than block_size {block_size}")
     return keep

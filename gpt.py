@@ -263,7 +263,11 @@ def download_hub_weights(name, cache_dir=None):
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     cache_dir = cache_dir or os.environ.get("COCONUT_CACHE", os.path.expanduser("~/.cache/coconut"))
     dest = os.path.join(cache_dir, name, "model.safetensors")
-    return download(f"{endpoint}/openai-community/{name}/resolve/main/model.safetensors", dest)
+    try:
+        return download(f"{endpoint}/openai-community/{name}/resolve/main/model.safetensors", dest)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} (offline? set HF_ENDPOINT to a mirror, or pass --init_from <a model.safetensors "
+                           f"file or a folder holding one>)") from None
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -184,7 +184,7 @@ def validate(model, tok, records, epoch, stage, args, device, autocast, state, t
     t0 = time.time()
     tokenized = [tokenize(r, tok) for r in records]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                              bool(args.pad_latent_to_max), 0.0, None, tok, block_size=model.gpt.config.block_size)
+                              bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long)
     m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
              train_loss=state["epoch_loss"][0] / max(state["epoch_loss"][1], 1),
              val_loss=validation_loss(model, examples, args, tok, device, autocast))
@@ -260,7 +260,7 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
     if args.shuffle_graph:
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size=block_size)
+                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long)
     return examples, stage, set()
 
 
@@ -285,7 +285,7 @@ def icot_examples(tokenized, epoch, args, block_size):
             for i, n_i in zip(mb, n):
                 examples[i] = make_icot_example(tokenized[i], n_i)
             previous = ([tokenized[i] for i in mb], n)
-    check_length(examples, block_size)
+    check_length(examples, block_size)  # (no --skip_long here: the steps were planned over every record)
     last = schedule[epoch][-1][0]
     return examples, (ICOT_ALL if last == math.inf else last), resets
 
@@ -622,6 +622,8 @@ def build_parser():
     d.add_argument("--pad_latent_to_max", type=int, default=1, choices=(0, 1))
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
+    d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "
+                                                            "(default: stop with an error naming one)")
     d.add_argument("--shuffle_graph", type=int, default=None, choices=(0, 1),
                    help="rewrite each symbolic graph question with its edges and options reshuffled every epoch "
                         "(prosqa_graph: 1)")

@@ -182,3 +182,16 @@ def test_batched_cached_generation_equals_one_at_a_time_uncached(n_thoughts):
             cols = [i for i, t in enumerate(q) if t == LATENT]
             assert th.shape == (len(cols), 32)
             assert torch.allclose(th, emb[0, cols], atol=1e-5)
+
+
+def test_endoftext_as_the_first_answer_token_does_not_stop_generation():
+    # The official generate stops at <|endoftext|> only from the second new token on: a first token
+    # that is <|endoftext|> is kept. Make the model's first greedy token the eos id and check both rules.
+    q = sequences([2], answer=False)[0]
+    ids, mask = torch.tensor([q]), torch.ones(1, len(q))
+    first = model().generate(ids, mask, 6)[0]
+    m = model(eos=first[0])  # the same weights, with the first token it writes declared eos
+    out = m.generate(ids, mask, 6)[0]
+    assert out[0] == first[0]  # kept, not a stop
+    later = [i for i, t in enumerate(first) if i > 0 and t == first[0]]
+    assert out == (first[:later[0]] if later else first)  # a later eos stops (and is not returned)

@@ -270,5 +270,6 @@ def test_failed_download_leaves_nothing(server, tmp_path, case):
     assert "\n" not in str(e.value)
     if case == "404":
         assert "404" in str(e.value)
+    assert "HF_ENDPOINT" in str(e.value) and "--init_from" in str(e.value)  # how to get past it offline
     left = [f for _, _, fs in os.walk(cache) for f in fs]
     assert left == []

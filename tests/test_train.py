@@ -4,6 +4,7 @@ grows by 3) and from a CoT checkpoint, and the error paths (one line each)."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -67,9 +68,15 @@ def assert_same_weights(a, b):
 def test_end_to_end(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(out), "--epochs", "4",
-                              "--stage_epochs", "2"]) == 0
+                              "--stage_epochs", "2", "--eval_batch_size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "stage 0 | epoch 1/4 | step 1/6" in printed and "epoch 4 (stage 1)" in printed
+    # progress: the ETA of the epoch and of the whole run; validation's generation says how far it is
+    eta = re.findall(r"epoch (\d)/4 \| step (\d)/6 .* ETA epoch (\d+):(\d\d):(\d\d), run (\d+):(\d\d):(\d\d)", printed)
+    assert len(eta) == 24  # --log_every 0: every step
+    secs = lambda h, m, s: 3600 * int(h) + 60 * int(m) + int(s)
+    assert all(secs(*e[5:8]) >= secs(*e[2:5]) for e in eta)  # the run's ETA includes the epoch's
+    assert "validation: 4/6 questions" in printed
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4] and [m["stage"] for m in metrics] == [0, 0, 1, 1]
     assert metrics[3]["train_loss"] < 0.6 * metrics[0]["train_loss"]  # it learns
@@ -87,6 +94,19 @@ def test_end_to_end(data_dir, tmp_path, capsys):
     r = evaluate(model, tok, prompts, [x["answer"] for x in records], 24, batch_size=4)
     assert r["correct"] == metrics[-1]["val_correct"] and r["mean_thoughts"] == 1.0
     assert r["mean_new_tokens"] == pytest.approx(metrics[-1]["mean_new_tokens"])
+
+
+def test_a_gpt2_run_on_a_cpu_says_it_is_a_gpu_recipe(capsys):
+    class Big(torch.nn.Module):  # 124M parameters on the meta device: no memory
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(124_000_000, device="meta"))
+    train.warn_if_gpu_recipe_on_cpu(Big(), torch.device("cpu"))
+    line = capsys.readouterr().out.strip()
+    assert len(line.splitlines()) == 1 and "GPU recipe" in line and "124M" in line and "ETA" in line
+    train.warn_if_gpu_recipe_on_cpu(Big(), torch.device("cuda"))
+    train.warn_if_gpu_recipe_on_cpu(torch.nn.Linear(10, 10), torch.device("cpu"))
+    assert capsys.readouterr().out == ""
 
 
 def test_answer_rule():
@@ -217,14 +237,18 @@ def test_corrupt_checkpoints(data_dir, tmp_path, capsys):
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
     torch.save({"model": {}}, tmp_path / "foreign.pt")
+    import datetime
+    torch.save({"when": datetime.date(2024, 1, 1)}, tmp_path / "pickled.pt")  # an object a safe load refuses
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     ck["model"].pop("transformer.wpe.weight")
     torch.save(ck, tmp_path / "wrong_keys.pt")
     for name, words in (("truncated.pt", "not a readable checkpoint"), ("text.pt", "not a readable checkpoint"),
-                        ("foreign.pt", "not a checkpoint of train.py"), ("wrong_keys.pt", "do not fit")):
+                        ("foreign.pt", "not a checkpoint of train.py"), ("wrong_keys.pt", "do not fit"),
+                        ("pickled.pt", "objects other than tensors")):
         with pytest.raises(ValueError) as e:
             load_checkpoint(str(tmp_path / name))
         assert words in str(e.value) and name in str(e.value) and "\n" not in str(e.value), str(e.value)
+        assert "weights_only" not in str(e.value)  # never advise loading a file that could run code
     # --resume from a damaged checkpoint, or a changed setting: one line
     (out / "ckpt.pt").write_bytes(good[:1000])
     assert train.main(["--out_dir", str(out), "--resume"]) == 1

@@ -278,7 +278,8 @@ def main(argv=None):
         try:
             fetch(args.base_url, args.out_dir)
         except RuntimeError as e:
-            sys.exit(f"error: {e}")
+            sys.exit(f"error: {e} (offline? --generate makes ProsQA here with the paper's Algorithm 1; "
+                     f"--base_url points at a mirror)")
         return 0
 
     rng = random.Random(args.seed)
