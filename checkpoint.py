@@ -1,5 +1,6 @@
 """
-Checkpoints of train.py, and what every script needs to load one: the device and one-line errors.
+Where models come from: train.py's checkpoints, OpenAI's weights or a new GPT (init_model), and what
+every script needs to load one: the device and one-line errors.
 
 A checkpoint is one dict, torch.save'd to a temporary file and renamed over the old one, so that a
 crash or a SIGKILL at any moment leaves either the old checkpoint or the new one, never half of one.
@@ -20,8 +21,13 @@ import os
 import torch
 
 from coconut import Coconut
-from curriculum import Tokenizer
-from gpt import GPT, GPTConfig
+from curriculum import Tokenizer, compact_tokenizer, gpt2_tokenizer, looks_symbolic, symbol_tokenizer
+from gpt import GPT, GPTConfig, HUB_SIZES
+
+# Modes whose sequences hold the three new tokens, so GPT-2's vocabulary grows by 3 (official run.py:
+# all but cot, no_thoughts and no_cot).
+LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause")
+GPT2_COPY_FROM = "<<"  # the new rows start as copies of this token's row (id 16791), as in the official code
 
 CKPT_FORMAT = "coconut-train/1"
 CKPT_KEYS = ("format", "model", "model_args", "coconut", "tokenizer", "config", "epoch", "stage")
@@ -110,3 +116,43 @@ def load_checkpoint(path, device="cpu"):
     model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id,
                     feedback=bool(ckpt["coconut"].get("feedback", True)))
     return model.to(device).eval(), tok, ckpt
+
+
+def init_model(args, train_records):
+    """
+    A fresh run's GPT and tokenizer from args.init_from (train.py's flags: init_from, mode, dropout, and
+    for scratch n_layer, n_head, n_embd, block_size, tokenizer), with the three latent tokens added to
+    GPT-2's vocabulary when the mode needs them.
+    """
+    src = args.init_from
+    if src == "scratch":
+        tok = scratch_tokenizer(args, train_records)
+        gpt = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                            vocab_size=tok.vocab_size, dropout=args.dropout if args.dropout is not None else 0.0))
+        return gpt, tok
+    if src.endswith(".pt"):
+        ckpt = read_checkpoint(src)
+        gpt, tok = gpt_from_checkpoint(ckpt, src, args.dropout), tokenizer_from_checkpoint(ckpt, src)
+    elif src in HUB_SIZES or os.path.exists(src):
+        try:
+            gpt = GPT.from_pretrained(src, dropout=0.1 if args.dropout is None else args.dropout)
+        except RuntimeError as e:  # a failed download
+            raise ValueError(f"--init_from {src}: {first_line(e)}") from None
+        tok = gpt2_tokenizer()
+        if gpt.config.vocab_size not in (50257, tok.vocab_size):
+            raise ValueError(f"{src}: a vocabulary of {gpt.config.vocab_size} tokens is not GPT-2's 50257")
+    else:
+        raise FileNotFoundError(f"--init_from {src!r}: no such file; expected {', '.join(HUB_SIZES)}, a .safetensors "
+                                f"file or folder, a .pt checkpoint, or scratch")
+    if args.mode in LATENT_MODES and gpt.config.vocab_size < tok.vocab_size:
+        copy = tok.encode(GPT2_COPY_FROM)
+        gpt.grow_vocab(tok.vocab_size - gpt.config.vocab_size, copy_from=copy[0] if len(copy) == 1 else tok.eos_id)
+    return gpt, tok
+
+
+def scratch_tokenizer(args, records):
+    """--tokenizer auto: one token per symbol for data written in symbols, else the compact byte+word one."""
+    kind = args.tokenizer
+    if kind == "auto":
+        kind = "symbols" if looks_symbolic(records) else "compact"
+    return symbol_tokenizer(records) if kind == "symbols" else compact_tokenizer(records)

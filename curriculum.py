@@ -597,3 +597,35 @@ def all_chains_removed(tokenized_batch, n_removes):
     for a batch made entirely of records without steps.
     """
     return all(n >= sum(len(s) for s in t.steps) for t, n in zip(tokenized_batch, n_removes))
+
+
+ICOT_ALL = 10**6  # iCoT's "stage" once the whole chain is removed (an int, so that metrics.jsonl stays JSON)
+
+
+def icot_epoch(tokenized, steps, epoch, epochs, remove_per_epoch, lam, remove_all_when_remove_beyond, seed,
+               block_size=None):
+    """
+    iCoT's training examples for one epoch, whose optimizer steps are `steps` (lists of micro-batches of
+    record indices, train.py's plan_steps): each sequence loses the first (its step's scheduled count +
+    a random offset) tokens of its chain, one offset draw per micro-batch like the authors' per batch.
+    -> (examples, the count at the epoch's last step (ICOT_ALL: the whole chain), which validation uses
+    without offsets as theirs does, the steps before which the optimizer is reset). A function of its
+    arguments alone: a resumed run rebuilds the same.
+    """
+    schedule = removal_schedule(epochs, len(steps), remove_per_epoch, remove_all_when_remove_beyond)[epoch]
+    offsets = removal_distribution(lam)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7)
+    examples, resets, previous = [None] * len(tokenized), set(), None
+    for k, micro_batches in enumerate(steps):
+        count, grew = schedule[k]
+        if grew and not (previous and all_chains_removed(*previous)):
+            resets.add(k)
+        for mb in micro_batches:
+            n = [count + o for o in removal_offsets(len(mb), offsets, g)]
+            for i, n_i in zip(mb, n):
+                examples[i] = make_icot_example(tokenized[i], n_i)
+            previous = ([tokenized[i] for i in mb], n)
+    if block_size is not None:
+        check_length(examples, block_size)  # no skipping here: the steps were planned over every record
+    last = schedule[-1][0]
+    return examples, (ICOT_ALL if last == math.inf else last), resets

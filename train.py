@@ -30,14 +30,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (checkpoint_body, first_line, gpt_from_checkpoint, read_checkpoint, resolve_device,
-                        save_atomic, tokenizer_from_checkpoint)
+from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, read_checkpoint,
+                        resolve_device, save_atomic, tokenizer_from_checkpoint)
 from coconut import Coconut, evaluate, summarize_outputs
-from curriculum import (MODES, all_chains_removed, build_examples, check_length, collate, compact_tokenizer,
-                        gpt2_tokenizer, graph_question, load_split, looks_symbolic, make_icot_example, make_question,
-                        removal_distribution, removal_offsets, removal_schedule, stage_for_epoch, symbol_tokenizer,
-                        tokenize)
-from gpt import GPT, GPTConfig, HUB_SIZES
+from curriculum import (MODES, build_examples, collate, graph_question, icot_epoch, load_split, make_question,
+                        stage_for_epoch, tokenize)
+from gpt import HUB_SIZES
 
 # -----------------------------------------------------------------------------
 # Settings per data set: the paper's (official args/*.yaml), the superposition paper's for prosqa_graph,
@@ -63,12 +61,7 @@ GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", 
                         n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64)
 DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
 
-# Modes whose sequences hold the three new tokens, so GPT-2's vocabulary grows by 3 (official run.py:
-# all but cot, no_thoughts and no_cot); and the modes that feed hidden states back as thoughts.
-LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause")
-FEEDBACK_MODES = ("coconut", "no_curriculum")
-ICOT_ALL = 10**6  # iCoT's "stage" once the whole chain is removed (an int, so that metrics.jsonl stays JSON)
-GPT2_COPY_FROM = "<<"  # the new rows start as copies of this token's row (id 16791), as in the official code
+FEEDBACK_MODES = ("coconut", "no_curriculum")  # the modes that feed hidden states back as thoughts
 
 # What a resumed run may change; a different value of anything else would make it another run.
 RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threads", "save_every", "log_every",
@@ -253,8 +246,9 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
     The rng draws the uniform_prob stages record by record, as the official code does, after (with
     shuffle_graph) reshuffling each graph question's edges and options.
     """
-    if args.mode == "icot":
-        return icot_examples(tokenized, epoch, args, block_size)
+    if args.mode == "icot":  # the count of removed chain tokens follows the step, planned like the loop's
+        return icot_epoch(tokenized, plan_steps(len(tokenized), epoch, args), epoch, args.epochs, args.remove_per_epoch,
+                          args.removal_smoothing_lambda, args.remove_all_when_remove_beyond, args.seed, block_size)
     stage = stage_for_epoch(epoch, args.stage_epochs, args.mode, args.max_latent_stage)
     rng = random.Random(f"{args.seed}/{epoch}")
     if args.shuffle_graph:
@@ -262,32 +256,6 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long)
     return examples, stage, set()
-
-
-def icot_examples(tokenized, epoch, args, block_size):
-    """
-    iCoT's epoch: each sequence loses the first (the count its step has scheduled + a random offset)
-    tokens of its chain (curriculum.removal_schedule, removal_offsets, one draw per micro-batch like the
-    authors' per batch). The "stage" is the count at the epoch's last step (ICOT_ALL: the whole chain),
-    which validation uses without offsets, as theirs does.
-    """
-    steps = plan_steps(len(tokenized), epoch, args)
-    schedule = removal_schedule(args.epochs, len(steps), args.remove_per_epoch, args.remove_all_when_remove_beyond)
-    offsets = removal_distribution(args.removal_smoothing_lambda)
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch + 7)
-    examples, resets, previous = [None] * len(tokenized), set(), None
-    for k, micro_batches in enumerate(steps):
-        count, grew = schedule[epoch][k]
-        if grew and not (previous and all_chains_removed(*previous)):
-            resets.add(k)
-        for mb in micro_batches:
-            n = [count + o for o in removal_offsets(len(mb), offsets, g)]
-            for i, n_i in zip(mb, n):
-                examples[i] = make_icot_example(tokenized[i], n_i)
-            previous = ([tokenized[i] for i in mb], n)
-    check_length(examples, block_size)  # (no --skip_long here: the steps were planned over every record)
-    last = schedule[epoch][-1][0]
-    return examples, (ICOT_ALL if last == math.inf else last), resets
 
 
 def plan_steps(n, epoch, args):
@@ -332,42 +300,6 @@ def make_model(args, ckpt, train_records, device):
         for block in gpt.transformer.h:
             block.compile(dynamic=True)
     return model.to(device), tok
-
-
-def init_model(args, train_records):
-    """A fresh run's GPT and tokenizer from --init_from, with the latent tokens added when the mode needs them."""
-    src = args.init_from
-    if src == "scratch":
-        tok = scratch_tokenizer(args, train_records)
-        gpt = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                            vocab_size=tok.vocab_size, dropout=args.dropout if args.dropout is not None else 0.0))
-        return gpt, tok
-    if src.endswith(".pt"):
-        ckpt = read_checkpoint(src)
-        gpt, tok = gpt_from_checkpoint(ckpt, src, args.dropout), tokenizer_from_checkpoint(ckpt, src)
-    elif src in HUB_SIZES or os.path.exists(src):
-        try:
-            gpt = GPT.from_pretrained(src, dropout=0.1 if args.dropout is None else args.dropout)
-        except RuntimeError as e:  # a failed download
-            raise ValueError(f"--init_from {src}: {first_line(e)}") from None
-        tok = gpt2_tokenizer()
-        if gpt.config.vocab_size not in (50257, tok.vocab_size):
-            raise ValueError(f"{src}: a vocabulary of {gpt.config.vocab_size} tokens is not GPT-2's 50257")
-    else:
-        raise FileNotFoundError(f"--init_from {src!r}: no such file; expected {', '.join(HUB_SIZES)}, a .safetensors "
-                                f"file or folder, a .pt checkpoint, or scratch")
-    if args.mode in LATENT_MODES and gpt.config.vocab_size < tok.vocab_size:
-        copy = tok.encode(GPT2_COPY_FROM)
-        gpt.grow_vocab(tok.vocab_size - gpt.config.vocab_size, copy_from=copy[0] if len(copy) == 1 else tok.eos_id)
-    return gpt, tok
-
-
-def scratch_tokenizer(args, records):
-    """--tokenizer auto: one token per symbol for data written in symbols, else the compact byte+word one."""
-    kind = args.tokenizer
-    if kind == "auto":
-        kind = "symbols" if looks_symbolic(records) else "compact"
-    return symbol_tokenizer(records) if kind == "symbols" else compact_tokenizer(records)
 
 
 def make_optimizer(model, args):

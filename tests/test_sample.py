@@ -289,3 +289,25 @@ def test_analyze_runs_on_a_trained_model(run_dir, capsys, probe):
         assert float(r[3]) + float(r[4]) == pytest.approx(1.0, abs=2e-3)  # frontier + other
         assert float(r[5]) <= float(r[6]) <= float(r[7]) <= float(r[3]) + 1e-3  # top1 <= top2 <= top3 <= frontier
     assert "by height" in out
+
+
+def test_plots_from_the_command_line(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # CI installs it; without it the tables print and one line says so
+    for argv, name in ((["--eval", "--latent", "0", "2"], "eval.png"), (["--paths", "--latent", "0", "1", "2"], "paths.png"),
+                       (["--analyze", "--n", "4"], "search.png"), ([], "run.png")):
+        png = tmp_path / name
+        assert sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--plot", str(png)] + argv) == 0
+        assert f"wrote {png}" in capsys.readouterr().out
+        head = png.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 300
+
+
+def test_the_first_look_uses_the_default_run(run_dir, tmp_path):
+    # `python sample.py --latent 2` with no source: the default run's checkpoint (here the demo's folder),
+    # the first 3 validation questions of its data set, their answers and decoded thoughts
+    (tmp_path / "out-demo" / "coconut").mkdir(parents=True)
+    (tmp_path / "out-demo" / "coconut" / "best.pt").write_bytes((run_dir / "ckpt.pt").read_bytes())
+    r = cli("--latent", "2", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Q: ") == 3 and r.stdout.count("  thought 1: ") == 3 and r.stdout.count("  thought 2: ") == 3
+    assert "out-demo/coconut/best.pt" in r.stdout and "accuracy " in r.stdout

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import init_model, load_checkpoint
 from coconut import evaluate
 from curriculum import compact_tokenizer, make_question, tokenize
 
@@ -301,14 +301,14 @@ def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
     sd = write_hf_gpt2(folder)
     args = train.parse_args(TINY + ["--init_from", folder])
     assert args.dropout is None  # resolved by init_model: 0.1 from released weights
-    gpt, tok = train.init_model(args, [])
+    gpt, tok = init_model(args, [])
     assert gpt.config.vocab_size == 50260 and gpt.config.dropout == 0.1 and tok.latent_id == 50259
     assert tok.encode("<<") == [16791]
     for i in (50257, 50258, 50259):  # the new rows start as copies of "<<", in the tied output layer too
         assert torch.equal(gpt.transformer.wte.weight[i], sd["transformer.wte.weight"][16791])
         assert torch.equal(gpt.lm_head.weight[i], sd["transformer.wte.weight"][16791])
     assert torch.equal(gpt.transformer.h[0].attn.c_attn.weight, sd["transformer.h.0.attn.c_attn.weight"])
-    gpt, _ = train.init_model(train.parse_args(TINY + ["--init_from", folder, "--mode", "cot"]), [])
+    gpt, _ = init_model(train.parse_args(TINY + ["--init_from", folder, "--mode", "cot"]), [])
     assert gpt.config.vocab_size == 50257  # cot, nocot and no_thought add no tokens (official run.py)
 
     # a CoT run from those weights, then Coconut from its checkpoint, skipping stage 0 (GSM8k's recipe)
