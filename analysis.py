@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 import torch
 from torch.nn import functional as F
 
+from coconut import generate_batched
 from curriculum import collate, prompt
 
 
@@ -391,7 +392,6 @@ def superposition_tables(model, tok, records, prompts, batch_size=32, thoughts=N
             attention=[per layer {i: {group: (mean, records)}}]: attention mass of the query that computes
             thought i (column start + i - 1) on the question's edges, summed over heads, by edge group).
     """
-    from coconut import generate_batched  # coconut imports nothing from here; kept local all the same
     if not model.feedback:
         raise ValueError("the superposition analysis reads continuous thoughts: this model feeds none back")
     was_training = model.training
