@@ -1,0 +1,130 @@
+"""bench.py --superposition: our side of one epoch of the "Reasoning by Superposition" setting on a tiny model
+(the authors' checkout is not needed), its printed numbers and FLOP estimate, and the conversion of our graph
+records to the authors' format. Offline, a few seconds."""
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import deque
+
+import pytest
+
+import bench
+from gpt import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM = r"([0-9.]+(?:e[+-]?[0-9]+)?)"
+
+
+def run_bench(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--superposition", "ours", "--sp_small",
+                        "--device", "cpu", "--threads", "1", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def field(pattern, text):
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in:\n{text}"
+    return m.groups()
+
+
+def check_output(out, n_train, tflops_assumed=bench.SP_GPU_TFLOPS):
+    train_s, val_s = map(float, field(r"ours: .*training epoch ([0-9.]+) s .*validation ([0-9.]+) s", out))
+    assert train_s > 0 and val_s > 0
+    acc, correct, total = field(r"ours: .*accuracy ([0-9.]+)% \((\d+)/(\d+)\)", out)
+    assert 0 <= float(acc) <= 100 and int(total) > 0 and 0 <= int(correct) <= int(total)
+    assert float(acc) == pytest.approx(100 * int(correct) / int(total), abs=0.005)
+    (sequences,) = field(r"data, ours: (\d+) training sequences", out)
+    assert int(sequences) == n_train
+    assert not re.search(r"theirs:|theirs/ours|same data", out)  # our side alone: no line of theirs
+
+    # the parameter count is the tiny GPT's, recounted here from its shape and the printed vocabulary
+    params, vocab, block = map(int, field(r"ours: P=(\d+) parameters \(vocabulary (\d+), block (\d+)\)", out))
+    gpt = GPT(GPTConfig(**bench.SP_SMALL, vocab_size=vocab, block_size=block))
+    assert params == sum(p.numel() for p in gpt.parameters())
+
+    # the FLOP estimate, recomputed from the printed parameter count and token counts
+    p2, tokens, seqs, train_f, val_tokens, questions, val_f, total_f = field(
+        rf"6 x P=(\d+) params x {NUM} tokens/sequence x (\d+) sequences = {NUM} FLOP training \+ 2 x P x {NUM} "
+        rf"tokens/question x (\d+) questions = {NUM} FLOP validation = {NUM} FLOP total", out)
+    assert int(p2) == params
+    assert int(seqs) == 14785 * 300 and int(questions) == 257 * 300
+    (per_seq,) = field(rf"data, ours: \d+ training sequences, {NUM} tokens/sequence", out)
+    assert float(tokens) == pytest.approx(float(per_seq), abs=0.005) and float(tokens) > 50
+    (prompt,) = field(rf"{NUM} prompt tokens/validation question", out)
+    assert float(val_tokens) == pytest.approx(float(prompt) + 3, abs=0.01)
+    want_train = 6 * params * float(tokens) * 14785 * 300
+    want_val = 2 * params * float(val_tokens) * 257 * 300
+    assert float(train_f) == pytest.approx(want_train, rel=1e-4)
+    assert float(val_f) == pytest.approx(want_val, rel=1e-4)
+    assert float(total_f) == pytest.approx(want_train + want_val, rel=1e-4)
+    tflops, seconds = field(rf"at an assumed sustained {NUM} TFLOP/s.* that is (\d+) s", out)
+    assert float(tflops) == tflops_assumed
+    assert int(seconds) == round((want_train + want_val) / (float(tflops) * 1e12))
+    assert "not a measurement" in out
+
+
+def test_superposition_ours_generated_data():
+    out = run_bench("--sp_train", "12", "--sp_valid", "6", "--sp_batch", "8")
+    check_output(out, 12)
+    assert "one epoch = 2 AdamW steps of batch 8" in out  # 12 graphs: a step of 8, then the short one of 4
+    assert "ours: P=" in out and "2 steps" in out
+
+
+def test_superposition_ours_reads_data_folder(tmp_path):
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prosqa_graph", "prepare.py"), "--generate",
+                    "--n_train", "20", "--n_valid", "5", "--n_test", "0", "--seed", "3", "--permute",
+                    "--out_dir", str(tmp_path)], check=True, capture_output=True)
+    out = run_bench("--data", str(tmp_path), "--sp_train", "8", "--sp_valid", "4", "--sp_batch", "4",
+                    "--sp_stage", "2", "--sp_gpu_tflops", "50")
+    check_output(out, 8, 50)  # the first 8 of the 20 graphs
+    assert f"read from {tmp_path}" in out and "stage 2" in out
+
+
+def test_superposition_bad_checkout_stops_at_once(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--superposition", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "not a checkout of Ber666/reasoning-by-superposition" in r.stderr
+    assert "[superposition]" not in r.stdout  # before any data or training
+
+
+def distances(children, src):
+    """Shortest hops from src (written again here, independently of analysis.py)."""
+    dist, queue = {src: 0}, deque([src])
+    while queue:
+        u = queue.popleft()
+        for v in children.get(u, []):
+            if v not in dist:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
+def test_superposition_record_matches_their_format():
+    # root r=0 -> a=1, b=2; a -> c=3; b -> c; c -> t=4 (target); b -> n=5 (the other option); 6 unconnected.
+    # Two shortest paths 0-1-3-4 and 0-2-3-4. Node i is named by the symbol names[i] (as prepare.py --permute).
+    names = ["17", "3", "30", "8", "0", "12", "5"]
+    edges = [[0, 1], [0, 2], [1, 3], [2, 3], [3, 4], [2, 5]]
+    r = dict(question="unused", steps=["3", "8", "0"], answer="0", idx_to_symbol=names, edges=edges, root=0,
+             target=4, neg_target=5)
+    s = bench.superposition_record(r)
+    ids = [int(x) for x in names]
+    assert s["edges"] == [[ids[a], ids[b]] for a, b in edges]
+    assert (s["root"], s["target"], s["neg_target"]) == (17, 0, 12)
+    assert len(s["steps"]) == 3 and s["idx_to_symbol"][30] == "30"
+    assert s["neighbor_k"] == {"0": [17], "1": [3, 30], "2": [8], "3": [0]}
+    json.dumps(s)  # their dataset.py reads it from a JSON file
+
+    # the definition, independently: hop-k nodes v with depth(v) + distance(v, target) = depth(target)
+    children, parents = {}, {}
+    for a, b in s["edges"]:
+        children.setdefault(a, []).append(b)
+        parents.setdefault(b, []).append(a)
+    down, up = distances(children, s["root"]), distances(parents, s["target"])
+    D = down[s["target"]]
+    for k in range(D + 1):
+        assert s["neighbor_k"][str(k)] == sorted(v for v in down if down[v] == k and v in up and k + up[v] == D)
