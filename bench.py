@@ -197,15 +197,17 @@ def memory_child(args):
 def bench_memory(args):
     """The peak memory of a paper-default training step, before and after, each in a process of its own."""
     rows = {}
-    for variant in ("before", "after"):
+    for variant in args.memory:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory_child", variant, "--device", args.device,
                "--data", args.data_path, "--memory_batch", str(args.memory_batch), "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows[variant] = json.loads(out.strip().splitlines()[-1])
-    b, a = rows["before"], rows["after"]
-    print(f"[gpt2] peak memory of one training step, {args.memory_batch} x {a['shape'][1]} columns, 6 thoughts, fp32: "
-          f"before {b['peak_gb']:.2f} GB, after {a['peak_gb']:.2f} GB -> {100 * (1 - a['peak_gb'] / b['peak_gb']):.0f}% "
-          f"less; loss {b['loss']:.6f} / {a['loss']:.6f}", flush=True)
+    shape = next(iter(rows.values()))["shape"]
+    line = f"[gpt2] peak memory of one training step, {shape[0]} x {shape[1]} columns, 6 thoughts, fp32: " + \
+        ", ".join(f"{v} {r['peak_gb']:.2f} GB (loss {r['loss']:.6f})" for v, r in rows.items())
+    if len(rows) == 2:
+        line += f" -> {100 * (1 - rows['after']['peak_gb'] / rows['before']['peak_gb']):.0f}% less"
+    print(line, flush=True)
 
 
 def load_official(path, model):
@@ -613,7 +615,9 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--official", default=None, help="a checkout of facebookresearch/coconut to compare with")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--memory", action="store_true", help="also the peak memory of a training step, before/after")
+    p.add_argument("--memory", nargs="*", default=None, choices=("before", "after"),
+                   help="also the peak memory of a training step: before (logits everywhere, a copied cache) and "
+                        "after (today's); no value: both")
     p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
     p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
     s = p.add_argument_group("(c) --superposition: one epoch of the 'Reasoning by Superposition' setting")
@@ -651,7 +655,8 @@ def main():
     print(f"device {args.device}, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"training batch {tuple(batch['input_ids'].shape)} with {args.thoughts} thoughts, "
           f"{len(questions)} questions x {args.max_new_tokens} new tokens")
-    if args.memory:
+    if args.memory is not None:
+        args.memory = args.memory or ["before", "after"]
         bench_memory(args)
     for size in args.sizes:
         torch.manual_seed(0)
