@@ -323,3 +323,25 @@ def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
     assert [(m["epoch"], m["stage"]) for m in metrics] == [(2, 1), (3, 2)]
     model, _, ck = load_checkpoint(os.path.join(coco, "ckpt.pt"))
     assert ck["model_args"]["vocab_size"] == 50260 and model.feedback and ck["config"]["dropout"] == 0.1
+
+
+def test_a_users_own_data_set_in_symbols(tmp_path):
+    # any folder name works; records written in symbols get one token per symbol from scratch
+    import random
+    rng = random.Random(0)
+    recs = []
+    for _ in range(40):
+        a, b, c = rng.sample("pqrstuvwxyz", 3)
+        recs.append(dict(question=f"{a} > {b} , {b} > {c} ?", steps=[f"{a} {b}", f"{b} {c}"], answer=c))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.json").write_text(json.dumps(recs[:32]))
+    (tmp_path / "mine" / "valid.json").write_text(json.dumps(recs[32:]))
+    args = TINY[2:] + ["--dataset", "mine", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "run"),
+                       "--epochs", "2", "--max_latent_stage", "1"]
+    assert train.main(args) == 0
+    model, tok, ck = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert tok.spec["kind"] == "symbols" and tok.vocab_size == 11 + 3 + 1 + 4  # 11 letters, > , ? ###, specials
+    assert tok.encode("p > q ,") == [tok.spec["symbols"].index(s) for s in ("p", ">", "q", ",")]
+    assert [m["stage"] for m in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))] == [0, 1]
+    # the generic defaults, not a known data set's
+    assert (ck["config"]["c_thought"], ck["config"]["tokenizer"], ck["config"]["uniform_prob"]) == (1, "auto", 0.0)
