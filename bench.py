@@ -2,8 +2,11 @@
 Side-by-side timings, as ratios measured in one run (absolute times on a shared machine are noise).
 
 (a) training step: Coconut forward+backward with n thoughts / a plain forward+backward over the same
-    padded batch (the latents read as ordinary tokens); with --official, the authors' Coconut
-    (Hugging Face GPT-2 with the same weights) on the same batch.
+    padded batch (the latents read as ordinary tokens, the loss only where labels are, as Coconut's);
+    with --official, the authors' Coconut (Hugging Face GPT-2 with the same weights) on the same batch,
+    and HF's plain GPT-2 step against ours (both with logits at every position).
+--memory: the peak memory of one training step before (logits everywhere, a cache copied per thought)
+    and after (today's), each in a fresh process.
 (b) evaluation: questions per second of our batched, KV-cached generate vs one question at a time
     re-running the whole sequence for every new token (the official generate's algorithm, here on our
     GPT), and vs one at a time with the cache.
@@ -60,7 +63,8 @@ def timed(fn, device):
 
 
 def bench_train(model, batch, args, official=None):
-    """Median seconds of one forward+backward: plain, Coconut, and optionally the official Coconut."""
+    """Median seconds of one forward+backward: plain (logits everywhere, as HF's), plain with the loss only
+    where labels are, Coconut, and optionally the official Coconut and HF's plain GPT-2."""
     ids, mask, labels, pos = (batch[k] for k in ("input_ids", "attention_mask", "labels", "position_ids"))
     autocast = torch.autocast(args.device.split(":")[0], dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
 
@@ -76,6 +80,15 @@ def bench_train(model, batch, args, official=None):
             loss, _ = model(ids, mask, labels, pos)
         loss.backward()
 
+    # The same forward with <|latent|> read as an ordinary token: one pass, lm_head only where a label is
+    # (like Coconut's): the fair baseline for what the thoughts' passes cost.
+    pause = Coconut(model.gpt, model.latent_id, model.start_id, model.end_id, model.eos_id, feedback=False)
+
+    def labelled():
+        with autocast:
+            loss, _ = pause(ids, mask, labels, pos)
+        loss.backward()
+
     def theirs():
         with autocast:
             loss = official(ids, mask, labels, pos).loss
@@ -88,7 +101,7 @@ def bench_train(model, batch, args, official=None):
                                                      labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
 
-    runs = {"plain": plain, "coconut": coconut}
+    runs = {"plain": plain, "labelled": labelled, "coconut": coconut}
     if official is not None:
         runs.update(official=theirs, hf_plain=hf_plain)
     times = {k: [] for k in runs}
@@ -670,8 +683,9 @@ def main():
             d = ((theirs.logits - logits).abs() * mask[..., None]).max().item()
             print(f"[{size}] vs official: loss {loss.item():.6f} / {theirs.loss.item():.6f}, max |logit diff| {d:.1e}")
         t = bench_train(model, batch, args, official)
-        line = (f"[{size}] train step: plain {t['plain']:.3f}s, coconut {t['coconut']:.3f}s -> "
-                f"(a) coconut/plain = {t['coconut'] / t['plain']:.2f}")
+        line = (f"[{size}] train step: plain {t['plain']:.3f}s (logits everywhere), plain {t['labelled']:.3f}s "
+                f"(loss only where labels are), coconut {t['coconut']:.3f}s -> (a) coconut/plain = "
+                f"{t['coconut'] / t['labelled']:.2f}")
         if official is not None:
             line += (f"; official {t['official']:.3f}s -> official/ours = {t['official'] / t['coconut']:.2f}x; "
                      f"plain step in HF's GPT-2 {t['hf_plain']:.3f}s -> HF/ours = {t['hf_plain'] / t['plain']:.2f}x")
