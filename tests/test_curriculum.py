@@ -188,8 +188,8 @@ def test_baseline_modes_handmade():
     assert m(t, 1, "no_thought", c_thought=2) == ex(Q + S2 + A, [X] * 6 + S2 + A)
     assert m(t, 7, "no_thought") == ex(Q + A, [X] * 6 + A)
     assert m(t, 2, "no_curriculum", max_latent_stage=3, pad_latent_to_max=False) == ex(Q + [S, L, L, E] + A, [X] * 10 + A)
-    with pytest.raises(ValueError, match="unknown mode 'icot'"):
-        m(t, 0, "icot")
+    with pytest.raises(ValueError, match="unknown mode 'magic'"):
+        m(t, 0, "magic")
 
 
 def test_make_question_handmade():
@@ -213,7 +213,8 @@ def test_stage_for_epoch():
     assert [f(e, 3, "no_thought") for e in (0, 3, 9)] == [0, 1, 3]
     assert f(12, 5, "cot") == f(12, 5, "nocot") == 0
     assert f(0, 5, "no_curriculum") == 7 and f(0, 3, "no_curriculum", max_latent_stage=3) == 4
-    assert set(C.MODES) == {"coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause"}
+    assert set(C.MODES) == {"coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause", "icot"}
+    assert f(12, 5, "icot") == 0  # iCoT's count follows the step (removal_schedule), not the epoch
 
 
 def test_uniform_prob():
