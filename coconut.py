@@ -13,9 +13,10 @@ ordinary tokens are: with n thoughts, the model runs n+1 passes, each extending 
     pass 0:    the question and <|start-latent|>     -> hidden state h0, which becomes thought 1
     pass 1:    thought 1 (one column)                -> h1, thought 2
     ...
-    pass n:    thought n, <|end-latent|>, the rest    -> the logits of every position
+    pass n:    thought n, <|end-latent|>, the rest    -> the hidden states of the rest
 
-so the total work is about one forward pass over the sequence. Gradients flow back through every
+so the total work is about one forward pass over the sequence (lm_head then runs only where the loss
+needs it). Gradients flow back through every
 thought into the question, which is what the curriculum trains (the loss is on the language after
 the thoughts).
 
