@@ -16,9 +16,8 @@ ordinary tokens are: with n thoughts, the model runs n+1 passes, each extending 
     pass n:    thought n, <|end-latent|>, the rest    -> the hidden states of the rest
 
 so the total work is about one forward pass over the sequence (lm_head then runs only where the loss
-needs it). Gradients flow back through every
-thought into the question, which is what the curriculum trains (the loss is on the language after
-the thoughts).
+needs it). Gradients flow back through every thought into the question, which is what the curriculum
+trains (the loss is on the language after the thoughts).
 
 Batches come from curriculum.collate, which left-pads each sequence so that its first <|latent|>
 falls at the same column: then pass i handles thought i of every sequence at once, and a sequence

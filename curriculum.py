@@ -20,6 +20,7 @@ record (see MODES). Everything here follows the official implementation token fo
 (dataset.py: get_cot_latent_dataset, get_question_latent_dataset, MyCollator).
 """
 import json
+import math
 import os
 import random
 from collections import Counter
@@ -488,8 +489,6 @@ def collate(examples, pad_id=50256, latent_id=50259):
 # (l. 262-268), unless every chain of the previous batch was already gone (see all_chains_removed).
 # Generation and evaluation start from the question alone (their generate cuts each sequence at its
 # first <eos>, model.py l. 85-86); their validation uses the scheduled count with no offset (l. 336).
-import math  # noqa: E402  (this section's own import; the file's header is not this section's)
-
 ICOT = "icot"  # the mode's name; make_question for it is the question alone, like nocot
 
 # The paper's GSM8k settings (their README's GSM8k command). The same command also trains with

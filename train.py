@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, read_checkpoint,
                         resolve_device, save_atomic, tokenizer_from_checkpoint)
 from coconut import Coconut, evaluate, summarize_outputs
-from curriculum import (MODES, build_examples, collate, graph_question, icot_epoch, load_split, make_question,
+from curriculum import (ICOT_GSM8K, MODES, build_examples, collate, graph_question, icot_epoch, load_split, make_question,
                         stage_for_epoch, tokenize)
 from gpt import HUB_SIZES
 
@@ -99,6 +99,7 @@ def train(args):
     optimizer = make_optimizer(model, args)
     state = start_state(args, ckpt, optimizer, device)
     train_tok = [tokenize(r, tok) for r in train_records]
+    val_tok = [tokenize(r, tok) for r in val_records]
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     saved = ckpt["step"] if ckpt else None  # the step of the last good checkpoint, for error messages
     log(f"{args.mode} on {args.dataset}: {len(train_records)} train / {len(val_records)} valid records; "
@@ -109,14 +110,13 @@ def train(args):
     handlers = install_signal_handlers()
     try:
         for epoch in range(state["epoch"] + state["epoch_complete"], args.epochs):
-            examples, stage, resets = epoch_examples(train_records, train_tok, tok, epoch, args,
-                                                     model.gpt.config.block_size)
+            examples, steps, stage, resets = epoch_examples(train_records, train_tok, tok, epoch, args,
+                                                            model.gpt.config.block_size)
             if state["epoch"] != epoch or state["epoch_complete"] or state["epoch_step"] == 0:  # not resumed half-way
                 state.update(epoch=epoch, stage=stage, epoch_step=0, epoch_complete=False, epoch_loss=[0.0, 0],
                              epoch_tokens=0)
                 if resets_optimizer(epoch, args):
                     optimizer = make_optimizer(model, args)
-            steps = plan_steps(len(examples), epoch, args)
             model.train()
             meter = Meter(state["epoch_step"])
             for k in range(state["epoch_step"], len(steps)):
@@ -138,7 +138,8 @@ def train(args):
                     raise Interrupted(f"stopped at step {state['step']}; saved {ckpt_path}: continue with "
                                       f"`python train.py --out_dir {args.out_dir} --resume`")
                 send_test_signal(state["step"])
-            m, improved = validate(model, tok, val_records, epoch, stage, args, device, autocast, state, meter.seconds())
+            m, improved = validate(model, tok, val_tok, val_records, epoch, stage, args, device, autocast, state,
+                                   meter.seconds())
             state.update(epoch_complete=True, metrics=state["metrics"] + [m])
             saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved, best=improved)
             if STOP["requested"]:
@@ -172,10 +173,9 @@ def train_step(step_model, micro_batches, args, tok, device, autocast):
     return totals[0].item(), int(totals[1].item()), totals[2].item() > 0
 
 
-def validate(model, tok, records, epoch, stage, args, device, autocast, state, train_seconds):
+def validate(model, tok, tokenized, records, epoch, stage, args, device, autocast, state, train_seconds):
     """The epoch's line of metrics.jsonl: validation loss at its stage and, when due, accuracy by generation."""
     t0 = time.time()
-    tokenized = [tokenize(r, tok) for r in records]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long)
     m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
@@ -242,20 +242,23 @@ def validation_accuracy(model, tok, tokenized, answers, stage, args, autocast):
 
 def epoch_examples(records, tokenized, tok, epoch, args, block_size):
     """
-    -> (the epoch's training sequences, its stage, the steps before which iCoT resets the optimizer).
-    The rng draws the uniform_prob stages record by record, as the official code does, after (with
-    shuffle_graph) reshuffling each graph question's edges and options.
+    -> (the epoch's training sequences, its optimizer steps (plan_steps), its stage, the steps before
+    which iCoT resets the optimizer). The rng draws the uniform_prob stages record by record, as the
+    official code does, after (with shuffle_graph) reshuffling each graph question's edges and options.
     """
-    if args.mode == "icot":  # the count of removed chain tokens follows the step, planned like the loop's
-        return icot_epoch(tokenized, plan_steps(len(tokenized), epoch, args), epoch, args.epochs, args.remove_per_epoch,
-                          args.removal_smoothing_lambda, args.remove_all_when_remove_beyond, args.seed, block_size)
+    if args.mode == "icot":  # the count of removed chain tokens follows the step: plan the steps first
+        steps = plan_steps(len(tokenized), epoch, args)
+        examples, stage, resets = icot_epoch(tokenized, steps, epoch, args.epochs, args.remove_per_epoch,
+                                             args.removal_smoothing_lambda, args.remove_all_when_remove_beyond,
+                                             args.seed, block_size)
+        return examples, steps, stage, resets
     stage = stage_for_epoch(epoch, args.stage_epochs, args.mode, args.max_latent_stage)
     rng = random.Random(f"{args.seed}/{epoch}")
     if args.shuffle_graph:
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long)
-    return examples, stage, set()
+    return examples, plan_steps(len(examples), epoch, args), stage, set()
 
 
 def plan_steps(n, epoch, args):
@@ -318,7 +321,7 @@ def resets_optimizer(epoch, args):
 
 
 def setup_device(args):
-    """-> (device, a bf16 autocast context or None). --dtype auto is float32, as the paper trained."""
+    """-> (device, a bf16 autocast context or None: --dtype float32 by default, as the paper trained)."""
     device = resolve_device(args.device, LOCAL_RANK if WORLD > 1 else 0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -639,7 +642,8 @@ def check_args(p, args):
     if args.reset_optimizer is None:  # iCoT resets whenever its count grows, not by epoch
         args.reset_optimizer = "never" if args.mode in ("cot", "nocot", "icot") else "epoch"
     if args.remove_all_when_remove_beyond is None:
-        args.remove_all_when_remove_beyond = 39.0 if args.dataset == "gsm8k" else math.inf
+        args.remove_all_when_remove_beyond = (float(ICOT_GSM8K["remove_all_when_remove_beyond"])
+                                              if args.dataset == "gsm8k" else math.inf)
     if not (args.remove_per_epoch > 0 and args.removal_smoothing_lambda > 0):
         p.error("--remove_per_epoch and --removal_smoothing_lambda must be positive")
     for k in ("stage_epochs", "epochs", "batch_size", "grad_accum", "max_new_tokens", "n_layer", "n_head",

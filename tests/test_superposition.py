@@ -49,9 +49,9 @@ def test_edges_are_reshuffled_every_epoch(run):
     records = load_records(str(run / "prosqa_graph" / "train.json"))[:20]
     tok = symbol_tokenizer(records)
     toks = [tokenize(r, tok) for r in records]
-    e0, _, _ = train.epoch_examples(records, toks, tok, 0, args, 512)
-    e1, _, _ = train.epoch_examples(records, toks, tok, 1, args, 512)
-    again, _, _ = train.epoch_examples(records, toks, tok, 1, args, 512)
+    e0, _, _, _ = train.epoch_examples(records, toks, tok, 0, args, 512)
+    e1, _, _, _ = train.epoch_examples(records, toks, tok, 1, args, 512)
+    again, _, _, _ = train.epoch_examples(records, toks, tok, 1, args, 512)
     assert e1 == again  # a function of (seed, epoch): a resumed run rebuilds the same
     assert sum(a["input_ids"] != b["input_ids"] for a, b in zip(e0, e1)) >= 18
     for a, b in zip(e0, e1):  # the same edges, in another order
