@@ -12,8 +12,8 @@ from collections import defaultdict, deque
 import torch
 from torch.nn import functional as F
 
-from coconut import generate_batched
 from curriculum import collate, prompt
+from evaluate import generate_batched
 
 
 # -----------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def _one_token(tok, symbol):
 def edge_columns(question_ids, record, tok):
     """
     The columns that write each edge in a tokenized symbolic question "a b | c d | ... [Q] x y [R] r"
-    (curriculum.graph_question, edges possibly shuffled; anything before the first edge, such as a
+    (records.graph_question, edges possibly shuffled; anything before the first edge, such as a
     leading <eos>, is allowed). -> a list over e of record["edges"]: [column of a, column of b].
     Edges are matched by reading the tokens back, never by assuming the record's order.
     (The authors' notebook also counts the "|" after an edge and leaves the last edge out; here an
@@ -387,7 +387,7 @@ def superposition_tables(model, tok, records, prompts, batch_size=32, thoughts=N
     """
     The two tables of Zhu et al. (2025) for a Coconut model on symbolic ProsQA. prompts: per record,
     the question + <|start-latent|> + L x <|latent|> + <|end-latent|> (curriculum.prompt).
-    thoughts: the (n, C) thoughts per prompt if already computed (coconut.generate_batched), else run.
+    thoughts: the (n, C) thoughts per prompt if already computed (evaluate.generate_batched), else run.
     -> dict(inner={i: {group: (mean, records)}}: <thought i, node embedding> by node group;
             attention=[per layer {i: {group: (mean, records)}}]: attention mass of the query that computes
             thought i (column start + i - 1) on the question's edges, summed over heads, by edge group).

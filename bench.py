@@ -41,10 +41,12 @@ from unittest import mock
 import torch
 
 from analysis import node_groups
-from coconut import Coconut, evaluate
-from curriculum import (build_examples, collate, gpt2_tokenizer, graph_question, load_records, make_example,
-                        make_question, symbol_tokenizer, tokenize)
+from coconut import Coconut
+from curriculum import build_examples, collate, make_example, make_question
+from evaluate import evaluate
 from gpt import GPT, GPTConfig
+from records import graph_question, load_records, tokenize
+from tokenizer import gpt2_tokenizer, symbol_tokenizer
 
 SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=4, n_head=4, n_embd=256)}
 
@@ -300,7 +302,7 @@ def superposition_record(r):
 def sp_ours(train, valid, args, device):
     """One epoch of train.py's prosqa_graph recipe at --sp_stage, through the library: the epoch's sequences
     (questions reshuffled, uniform_prob stages drawn, as train.py's epoch 0), AdamW steps on collate's batches,
-    then validation accuracy with coconut.evaluate (batched, KV cache). A generator (see sp_interleave): it
+    then validation accuracy with evaluate.evaluate (batched, KV cache). A generator (see sp_interleave): it
     yields (phase, seconds) after each timed piece of work and returns its results."""
     R, M, stage = SP_RECIPE, SP_RECIPE["max_latent_stage"], args.sp_stage
     tok = symbol_tokenizer(train + valid)

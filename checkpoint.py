@@ -10,7 +10,7 @@ torch.load(weights_only=True), which never runs code from the file.
     format      CKPT_FORMAT
     model       the GPT's state_dict;  model_args: its GPTConfig as a dict
     coconut     {"feedback": bool}: does <|latent|> feed hidden states back (False: pause as thought)
-    tokenizer   curriculum.Tokenizer.to_dict()
+    tokenizer   tokenizer.Tokenizer.to_dict()
     config      the run's settings (train.py's flags, resolved)
     epoch, stage, step, epoch_step, epoch_complete, best_acc, metrics, ...: where the run stands
     optimizer, rng  (ckpt.pt only, not best.pt): what an exact resume needs
@@ -21,8 +21,8 @@ import os
 import torch
 
 from coconut import Coconut
-from curriculum import Tokenizer, compact_tokenizer, gpt2_tokenizer, looks_symbolic, symbol_tokenizer
 from gpt import GPT, GPTConfig, HUB_SIZES
+from tokenizer import Tokenizer, compact_tokenizer, gpt2_tokenizer, looks_symbolic, symbol_tokenizer
 
 # Modes whose sequences hold the three new tokens, so GPT-2's vocabulary grows by 3 (official run.py:
 # all but cot, no_thoughts and no_cot).

@@ -15,9 +15,12 @@ import traceback
 
 import torch
 
-from coconut import Coconut, generate_batched
-from curriculum import collate, gpt2_tokenizer, load_records, make_example, make_question, symbol_tokenizer, tokenize
+from coconut import Coconut
+from curriculum import collate, make_example, make_question
+from evaluate import generate_batched
 from gpt import GPT, GPTConfig
+from records import load_records, tokenize
+from tokenizer import gpt2_tokenizer, symbol_tokenizer
 
 T0 = time.time()
 ROOT = os.path.dirname(os.path.abspath(__file__))

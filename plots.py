@@ -89,7 +89,7 @@ def _integer_ticks(ax, xs):
 def plot_eval(rows, path, title=""):
     """
     rows: [dict(thoughts=mean continuous thoughts per question, acc=0..1, tokens_per_q=thoughts +
-    generated tokens per question)], one per setting, any order. From coconut.evaluate's r:
+    generated tokens per question)], one per setting, any order. From evaluate.evaluate's r:
     dict(thoughts=r["mean_thoughts"], acc=r["acc"], tokens_per_q=r["mean_thoughts"] + r["mean_new_tokens"]).
     Left: accuracy, right: tokens per question.
     """

@@ -30,8 +30,9 @@ from torch.nn import functional as F
 import analysis
 import plots
 from checkpoint import first_line, load_checkpoint, resolve_device
-from coconut import evaluate, generate_batched
-from curriculum import final_stage, is_correct, load_records, load_split, prompt, tokenize
+from curriculum import final_stage, is_correct, prompt
+from evaluate import evaluate, generate_batched
+from records import load_records, load_split, tokenize
 
 # -----------------------------------------------------------------------------
 # Thoughts
@@ -200,7 +201,7 @@ def run(args):
 
 
 def evaluate_latents(model, tok, records, tokenized, cfg, stage, max_new, args):
-    """One row per --latent value: coconut.evaluate, the very function train.py's validation accuracy comes from."""
+    """One row per --latent value: evaluate.evaluate, the very function train.py's validation accuracy comes from."""
     print(f"{'thoughts':>8} {'accuracy':>9} {'correct':>9} {'tokens/q':>9} {'new/q':>7} {'s/q':>8}")
     rows = []
     for n in args.latent or [None]:

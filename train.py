@@ -32,10 +32,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, read_checkpoint,
                         resolve_device, save_atomic, tokenizer_from_checkpoint)
-from coconut import Coconut, evaluate, summarize_outputs
-from curriculum import (ICOT_GSM8K, MODES, build_examples, collate, graph_question, icot_epoch, load_split, make_question,
-                        stage_for_epoch, tokenize)
+from coconut import Coconut
+from curriculum import MODES, build_examples, collate, make_question, stage_for_epoch
+from evaluate import evaluate, summarize_outputs
 from gpt import HUB_SIZES
+from icot import ICOT_GSM8K, icot_epoch
+from records import graph_question, load_split, tokenize
 
 # -----------------------------------------------------------------------------
 # Settings per data set: the paper's (official args/*.yaml), the superposition paper's for prosqa_graph,

@@ -10,9 +10,11 @@ import torch
 from torch.nn import functional as F
 
 import analysis as A
-from coconut import Coconut, generate_batched
-from curriculum import graph_question, gpt2_tokenizer, symbol_tokenizer
+from coconut import Coconut
+from evaluate import generate_batched
 from gpt import GPT, GPTConfig
+from records import graph_question
+from tokenizer import gpt2_tokenizer, symbol_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSQA = os.path.join(os.path.dirname(ROOT), "shared", "data", "prosqa_valid.json")

@@ -1,4 +1,4 @@
-"""curriculum.py: tokenizer, records, the per-stage shaping of every mode, and batching. Offline."""
+"""tokenizer.py, records.py and curriculum.py: the tokenizers, the records, the per-stage shaping of every mode, and batching. Offline."""
 import io
 import json
 import os
@@ -9,6 +9,8 @@ import tiktoken
 import torch
 
 import curriculum as C
+from records import Tokenized, check_length, load_records, tokenize
+from tokenizer import GPT2_SPLIT, Tokenizer, compact_tokenizer, gpt2_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSQA_VALID = os.path.join(ROOT, "..", "shared", "data", "prosqa_valid.json")
@@ -33,8 +35,8 @@ def needs(path):
 
 @pytest.fixture(scope="module")
 def prosqa():
-    recs = C.load_records(needs(PROSQA_VALID))
-    return recs, [C.tokenize(r) for r in recs]
+    recs = load_records(needs(PROSQA_VALID))
+    return recs, [tokenize(r) for r in recs]
 
 
 def gsm_record(line):
@@ -47,7 +49,7 @@ def gsm_record(line):
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_gpt2_tokenizer_ids_and_decoding():
-    tok = C.gpt2_tokenizer()
+    tok = gpt2_tokenizer()
     assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.start_id, tok.end_id, tok.latent_id) == \
         (50260, EOS, EOS, S, E, L)
     # special-looking text is ordinary text: no error, no special id
@@ -55,14 +57,14 @@ def test_gpt2_tokenizer_ids_and_decoding():
     assert not set(ids) & {EOS, S, E, L} and tok.decode(ids) == "a <|endoftext|> <|latent|>"
     assert tok.decode(Q + [S, L, L, E] + A) == "Is Tom a cat?\n### Tom is a cat."  # specials skipped
     assert tok.decode([S, L, E, EOS], skip_special=False) == "<|start-latent|><|latent|><|end-latent|><|endoftext|>"
-    assert C.Tokenizer.from_dict(tok.to_dict()) is tok
-    assert C.GPT2_SPLIT == tiktoken.get_encoding("gpt2")._pat_str
+    assert Tokenizer.from_dict(tok.to_dict()) is tok
+    assert GPT2_SPLIT == tiktoken.get_encoding("gpt2")._pat_str
 
 
 def test_tokenize_handmade():
-    q, steps, a = C.tokenize(R)
+    q, steps, a = tokenize(R)
     assert (q, steps, a) == (Q, [S1, S2], A)
-    assert C.tokenize(R) == C.Tokenized(Q, [S1, S2], A)
+    assert tokenize(R) == Tokenized(Q, [S1, S2], A)
 
 
 def test_tokenize_equals_whole_text_on_prosqa(prosqa):
@@ -76,7 +78,7 @@ def test_tokenize_equals_whole_text_on_prosqa(prosqa):
 
 def test_compact_tokenizer_roundtrip_and_checkpoint(prosqa):
     recs, _ = prosqa
-    tok = C.compact_tokenizer(recs)
+    tok = compact_tokenizer(recs)
     n = tok.vocab_size
     assert n < 1000  # 256 bytes + a few hundred words, against GPT-2's 50k
     assert (tok.eos_id, tok.start_id, tok.end_id, tok.latent_id) == (n - 4, n - 3, n - 2, n - 1)
@@ -93,20 +95,20 @@ def test_compact_tokenizer_roundtrip_and_checkpoint(prosqa):
     buf = io.BytesIO()
     torch.save({"tokenizer": tok.to_dict()}, buf)
     buf.seek(0)
-    back = C.Tokenizer.from_dict(torch.load(buf, weights_only=True)["tokenizer"])
+    back = Tokenizer.from_dict(torch.load(buf, weights_only=True)["tokenizer"])
     assert back.vocab_size == n and back.latent_id == tok.latent_id
     for r in recs[:50]:
-        assert C.tokenize(r, back) == C.tokenize(r, tok)
+        assert tokenize(r, back) == tokenize(r, tok)
     assert back.encode(unseen) == tok.encode(unseen)
     # shaping uses the tokenizer's own ids
-    t = C.tokenize(recs[0], tok)
+    t = tokenize(recs[0], tok)
     ex = C.make_example(t, 1, tok=tok)
     assert ex["input_ids"][len(t.question):len(t.question) + 3] == [tok.start_id, tok.latent_id, tok.end_id]
     # min_count keeps only the pieces seen that often (as latin-1 strings in the plain dict)
-    words = C.compact_tokenizer([{"question": "zork zork zork blip", "steps": [], "answer": "a"}], min_count=2).to_dict()["words"]
+    words = compact_tokenizer([{"question": "zork zork zork blip", "steps": [], "answer": "a"}], min_count=2).to_dict()["words"]
     assert " zork" in words and " blip" not in words and "zork" not in words
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
-        C.Tokenizer.from_dict({"kind": "sentencepiece"})
+        Tokenizer.from_dict({"kind": "sentencepiece"})
 
 
 # ----------------------------------------------------------------------------- records
@@ -136,7 +138,7 @@ GOOD = {"question": "q?", "steps": ["a", "b"], "answer": "x"}
 def test_load_records_errors(tmp_path, content, needles):
     path = _write(tmp_path, content)
     with pytest.raises(ValueError) as e:
-        C.load_records(path)
+        load_records(path)
     msg = str(e.value)
     assert "\n" not in msg and path in msg
     for needle in needles:
@@ -145,8 +147,8 @@ def test_load_records_errors(tmp_path, content, needles):
 
 def test_load_records_missing_file_and_good_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
-        C.load_records(str(tmp_path / "nope.json"))
-    assert C.load_records(_write(tmp_path, [GOOD, {**GOOD, "extra": 1}])) == [GOOD, {**GOOD, "extra": 1}]
+        load_records(str(tmp_path / "nope.json"))
+    assert load_records(_write(tmp_path, [GOOD, {**GOOD, "extra": 1}])) == [GOOD, {**GOOD, "extra": 1}]
 
 
 # ----------------------------------------------------------------------------- the modes, by hand
@@ -157,7 +159,7 @@ def ex(ids, labels):
 
 def test_coconut_stages_handmade():
     m = C.make_example
-    t = C.tokenize(R)
+    t = tokenize(R)
     rest = S1 + S2 + A
     assert m(t, 0) == ex(Q + [S, E] + rest, [X] * 8 + rest)
     assert m(t, 1) == ex(Q + [S, L, E] + S2 + A, [X] * 9 + S2 + A)
@@ -176,7 +178,7 @@ def test_coconut_stages_handmade():
 
 def test_baseline_modes_handmade():
     m = C.make_example
-    t = C.tokenize(R)
+    t = tokenize(R)
     for stage in (0, 1, 7):
         assert m(t, stage, "cot") == ex(Q + S1 + S2 + A, [X] * 6 + S1 + S2 + A)
         assert m(t, stage, "nocot") == ex(Q + A, [X] * 6 + A)
@@ -194,7 +196,7 @@ def test_baseline_modes_handmade():
 
 def test_make_question_handmade():
     mq = C.make_question
-    t = C.tokenize(R)
+    t = tokenize(R)
     assert mq(t, 0) == Q + [S, E]
     assert mq(t, 2, c_thought=2) == Q + [S, L, L, L, L, E]
     assert mq(t, 5) == Q + [S] + [L] * 5 + [E]
@@ -218,7 +220,7 @@ def test_stage_for_epoch():
 
 
 def test_uniform_prob():
-    t = C.tokenize(R)
+    t = tokenize(R)
     n_q = len(Q)
 
     def stage_of(e):  # read the stage back from the shaping: one latent per removed step (c = 1)
@@ -277,14 +279,14 @@ def test_collate_handmade():
 
 
 def test_check_length_and_build_examples(capsys):
-    t = C.tokenize(R)
-    long_t = C.Tokenized(Q * 4, [S1, S2], A)  # 24 + 13 + 7 = 44 tokens at stage 0 with the markers: 46
+    t = tokenize(R)
+    long_t = Tokenized(Q * 4, [S1, S2], A)  # 24 + 13 + 7 = 44 tokens at stage 0 with the markers: 46
     with pytest.raises(ValueError, match=r"example 1 is 46 tokens long, longer than block_size 40"):
         C.build_examples([t, long_t], 0, block_size=40)
     kept = C.build_examples([t, long_t, t], 0, block_size=40, skip_long=True)
     assert kept == [C.make_example(t, 0)] * 2
     assert "skipped 1 of 3 examples longer than block_size 40" in capsys.readouterr().out
-    assert C.check_length([[1] * 5, {"input_ids": [1] * 6}], 5, skip_long=True) == [0]
+    assert check_length([[1] * 5, {"input_ids": [1] * 6}], 5, skip_long=True) == [0]
     assert C.build_examples([t, long_t], 7, "nocot") == [C.make_example(t, 7, "nocot"), C.make_example(long_t, 7, "nocot")]
 
 
@@ -361,13 +363,13 @@ def test_gsm8k_records(tmp_path):
     recs = [gsm_record(line) for line in lines]
     assert recs[0]["steps"] == ["<<4-2=2>>", "<<2/.5=4>>", "<<12/4=3>>", "<<100*3=300>>"]
     assert recs[0]["answer"] == "300" and recs[0]["question"].endswith("How much does he pay per year?")
-    assert C.load_records(_write(tmp_path, recs)) == recs
+    assert load_records(_write(tmp_path, recs)) == recs
     enc = tiktoken.get_encoding("gpt2")
     for r in recs:
-        q, steps, a = C.tokenize(r)
+        q, steps, a = tokenize(r)
         whole = r["question"] + "\n" + "\n".join(r["steps"]) + "\n### " + r["answer"]
         assert q + [t for s in steps for t in s] + a == enc.encode_ordinary(whole) + [EOS]
-    q, steps, a = C.tokenize(recs[0])
+    q, steps, a = tokenize(recs[0])
     assert steps == [[16791, 19, 12, 17, 28, 17, 4211, 198],      # "<<4-2=2>>\n"
                      [16791, 17, 11757, 20, 28, 19, 4211, 198],   # "<<2/.5=4>>\n"
                      [16791, 1065, 14, 19, 28, 18, 4211, 198],    # "<<12/4=3>>\n"

@@ -17,11 +17,12 @@ import analysis
 import sample
 import train
 from checkpoint import load_checkpoint
-from coconut import evaluate, generate_batched
-from curriculum import is_correct, prompt
 from coconut import Coconut
-from curriculum import compact_tokenizer, tokenize
+from curriculum import is_correct, prompt
+from evaluate import evaluate, generate_batched
 from gpt import GPT, GPTConfig
+from records import tokenize
+from tokenizer import compact_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

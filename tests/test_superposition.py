@@ -44,7 +44,8 @@ def test_the_preset_passes_every_stage(run):
 
 
 def test_edges_are_reshuffled_every_epoch(run):
-    from curriculum import load_records, symbol_tokenizer, tokenize
+    from records import load_records, tokenize
+    from tokenizer import symbol_tokenizer
     args = train.parse_args(["--dataset", "prosqa_graph", "--data_dir", str(run)] + SMALL)
     records = load_records(str(run / "prosqa_graph" / "train.json"))[:20]
     tok = symbol_tokenizer(records)

@@ -13,8 +13,10 @@ import torch
 
 import train
 from checkpoint import init_model, load_checkpoint
-from coconut import evaluate
-from curriculum import compact_tokenizer, make_question, tokenize
+from curriculum import make_question
+from evaluate import evaluate
+from records import tokenize
+from tokenizer import compact_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ ProsQA graph: data/prosqa_graph/{train,valid,test}.json, the symbolic ProsQA of 
 subset: 14,785 / 257 / 419) and writes them in node symbols, one symbol per node:
 
     question  0 2 | 3 7 | 2 9 | ... [Q] 16 13 [R] 1   every edge "parent child", the two options, the root
-                                                      (curriculum.graph_question, edges and options shuffled)
+                                                      (records.graph_question, edges and options shuffled)
     steps     5 / 9 / 16                              the nodes of one shortest path from the root, one a hop
     answer    16
     graph     idx_to_symbol, edges, root, target, neg_target, as in ProsQA; idx_to_symbol[i] is "i"
@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import data.prosqa.prepare as prosqa  # noqa: E402
-from curriculum import graph_question  # noqa: E402
+from records import graph_question  # noqa: E402
 from data.common import download, make_out_dir, save_json  # noqa: E402
 
 SPLITS = {"train": 14785, "valid": 257, "test": 419}  # the paper's subset of the official files

@@ -1,0 +1,113 @@
+"""
+The records: a data set file in, token ids out.
+
+A record is {"question": str, "steps": [str, ...], "answer": str}. It is tokenized in pieces,
+
+    question = encode(question + "\n"),  step i = encode(step_i + "\n"),  answer = encode("### " + answer) + [eos]
+
+(a Tokenized), which the curriculum (curriculum.py) then shapes into a different training sequence at
+every stage. check_length guards the model's block_size.
+"""
+import json
+import os
+from typing import List, NamedTuple
+
+from tokenizer import _texts, gpt2_tokenizer
+
+
+def load_records(path):
+    """A data set file: a JSON list of {"question": str, "steps": [str, ...], "answer": str}, checked."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such data file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
+    for i, r in enumerate(data):
+        _check_record(r, f"{path}: record {i}")
+    return data
+
+
+def load_split(data_dir, dataset, split):
+    """<data_dir>/<dataset>/<split>.json: a prepared data set of this project, or any folder of the user's."""
+    path = os.path.join(data_dir, dataset, f"{split}.json")
+    if not os.path.isfile(path):
+        ours = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py"))
+        how = (f"make it with `python data/{dataset}/prepare.py`" if ours else
+               'put a JSON list of {"question", "steps", "answer"} records there')
+        raise FileNotFoundError(f"{path} not found: {how}")
+    records = load_records(path)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def _check_record(r, where):
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: expected an object with question/steps/answer, got {type(r).__name__}")
+    for key in ("question", "steps", "answer"):
+        if key not in r:
+            raise ValueError(f"{where}: missing field '{key}'")
+    for key in ("question", "answer"):
+        if not isinstance(r[key], str):
+            raise ValueError(f"{where}: field '{key}' should be a string, got {type(r[key]).__name__}")
+    if not isinstance(r["steps"], list):
+        raise ValueError(f"{where}: field 'steps' should be a list of strings, got {type(r['steps']).__name__}")
+    for j, s in enumerate(r["steps"]):
+        if not isinstance(s, str):
+            raise ValueError(f"{where}: field 'steps' item {j} should be a string, got {type(s).__name__}")
+    if not r["question"].strip():
+        raise ValueError(f"{where}: field 'question' is empty")
+
+
+class Tokenized(NamedTuple):
+    question: List[int]     # encode(question + "\n")
+    steps: List[List[int]]  # encode(step + "\n") for each step
+    answer: List[int]       # encode("### " + answer) + [eos]
+
+
+def graph_question(record, rng=None):
+    """
+    The symbolic ProsQA question of "Reasoning by Superposition" (data/prosqa_graph), from a record's
+    graph fields: every edge as "parent child", joined by " | ", then "[Q]" and the two options,
+    then "[R]" and the root, all in node names (idx_to_symbol):  "3 7 | 0 2 | ... [Q] 16 13 [R] 1".
+    With rng (a random.Random), the edges and the two options are shuffled first: the recipe reshuffles
+    them every epoch, so that no position in the question gives an answer away.
+    """
+    names, edges = record["idx_to_symbol"], list(record["edges"])
+    options = [record["target"], record["neg_target"]]
+    if rng is not None:
+        rng.shuffle(edges)
+        rng.shuffle(options)
+    return (" | ".join(f"{names[a]} {names[b]}" for a, b in edges) +
+            f" [Q] {names[options[0]]} {names[options[1]]} [R] {names[record['root']]}")
+
+
+def tokenize(record, tok=None):
+    tok = tok or gpt2_tokenizer()
+    q, *steps, a = (tok.encode(t) for t in _texts(record))
+    return Tokenized(q, steps, a + [tok.eos_id])
+
+
+def check_length(examples, block_size, skip_long=False):
+    """
+    The indices of the examples (dicts with input_ids, or id lists) that fit in block_size. A longer
+    one is an error unless skip_long, which drops it and prints how many were dropped.
+    (collate's left padding can still make a batch wider than its longest example.)
+    """
+    keep = []
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"] if isinstance(e, dict) else e)
+        if n <= block_size:
+            keep.append(i)
+        elif not skip_long:
+            raise ValueError(f"example {i} is {n} tokens long, longer than block_size {block_size} "
+                             f"(train.py --skip_long drops such examples)")
+    if len(keep) < len(examples):
+        print(f"skipped {len(examples) - len(keep)} of {len(examples)} examples longer than block_size {block_size}")
+    return keep
