@@ -126,7 +126,7 @@ def test_batched_answers_equal_one_at_a_time():
         assert t[0].shape == thoughts[i].shape == (p.count(tok.latent_id), 32)
         assert torch.allclose(t[0], thoughts[i], atol=1e-4)
     assert len({tuple(o) for o in outs}) > 1  # the answers are not all the same
-    # train.evaluate (what --eval and train.py's validation use) sorts by length and pads: same answers
+    # evaluate.evaluate (what --eval and train.py's validation use) sorts by length and pads: same answers
     answers = ["x"] * len(prompts)
     many = evaluate(model, tok, prompts, answers, 12, batch_size=5)["outputs"]
     ones = evaluate(model, tok, prompts, answers, 12, batch_size=1)["outputs"]

@@ -15,6 +15,7 @@ import train
 from checkpoint import init_model, load_checkpoint
 from curriculum import make_question
 from evaluate import evaluate
+from interrupt import SIGNAL_HOOK
 from records import tokenize
 from tokenizer import compact_tokenizer
 
@@ -147,12 +148,12 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     # killed mid-epoch (step 5: saved at 4), resumed, killed again right after the epoch's last step and save
     # (step 12: before its validation), resumed, interrupted by Ctrl-C (step 14), resumed to the end
-    r = run_cli(common + ["--out_dir", b], env={train.SIGNAL_HOOK: "5:KILL,12:KILL,14:INT"})
+    r = run_cli(common + ["--out_dir", b], env={SIGNAL_HOOK: "5:KILL,12:KILL,14:INT"})
     assert r.returncode == -9, r.stderr
     assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 4
-    r = run_cli(["--out_dir", b, "--resume"], env={train.SIGNAL_HOOK: "12:KILL,14:INT"})
+    r = run_cli(["--out_dir", b, "--resume"], env={SIGNAL_HOOK: "12:KILL,14:INT"})
     assert r.returncode == -9, r.stderr
-    r = run_cli(["--out_dir", b, "--resume"], env={train.SIGNAL_HOOK: "14:INT"})
+    r = run_cli(["--out_dir", b, "--resume"], env={SIGNAL_HOOK: "14:INT"})
     assert r.returncode == 130 and "saved" in r.stdout, (r.stdout, r.stderr)
     assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 15  # the step after the signal
     r = run_cli(["--out_dir", b, "--resume"])
@@ -174,7 +175,7 @@ def test_icot_passes_its_counts_and_resumes_bit_identically(data_dir, tmp_path):
     metrics = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
     assert [m["stage"] for m in metrics] == [2, 5, 8]  # the count at each epoch's last step (global 5, 11, 17)
     assert [m["val_total"] for m in metrics] == [6, 6, 6]
-    r = run_cli(common + ["--out_dir", b], env={train.SIGNAL_HOOK: "9:KILL"})
+    r = run_cli(common + ["--out_dir", b], env={SIGNAL_HOOK: "9:KILL"})
     assert r.returncode == -9
     r = run_cli(["--out_dir", b, "--resume"])
     assert r.returncode == 0, r.stderr

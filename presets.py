@@ -1,0 +1,25 @@
+"""
+train.py's settings per data set, as plain data: the paper's (official args/*.yaml), the superposition
+paper's for prosqa_graph, the CPU demo's for tiny. options.check_args fills every flag left unset from
+them: first GENERAL_DEFAULTS, then the data set's row (GENERIC for a folder of the user's).
+"""
+
+GENERIC = dict(c_thought=1, max_latent_stage=6, stage_epochs=5, epochs=50, max_new_tokens=128)
+DATASET_DEFAULTS = {
+    "prosqa": GENERIC,
+    "prontoqa": GENERIC,
+    "gsm8k": dict(c_thought=2, max_latent_stage=3, stage_epochs=3, epochs=25, max_new_tokens=64),
+    # "Reasoning by Superposition": a 2-layer, 8-head, 768-wide GPT-2 from scratch, one token per node,
+    # 4 stages of 25 epochs, 300 epochs, uniform_prob 0.1, batch 256, edges reshuffled every epoch
+    "prosqa_graph": dict(c_thought=1, max_latent_stage=4, stage_epochs=25, epochs=300, max_new_tokens=16,
+                         uniform_prob=0.1, init_from="scratch", n_layer=2, n_head=8, n_embd=768, block_size=512,
+                         dropout=0.1, batch_size=256, grad_accum=1, tokenizer="symbols", shuffle_graph=1,
+                         eval_batch_size=256),
+    # tiny: the CPU demo's small world (data/tiny/prepare.py); a 2-layer model from scratch, a larger lr
+    "tiny": dict(c_thought=1, max_latent_stage=4, stage_epochs=1, epochs=8, max_new_tokens=48,
+                 batch_size=64, grad_accum=1, lr=1e-3),
+}
+# Elsewhere the paper's: AdamW lr 1e-4, 32 sequences x 4 GPUs = 128 per optimizer step, GPT-2 124M.
+GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", uniform_prob=0.0, n_layer=2,
+                        n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64)
+DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
