@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -8,3 +10,27 @@ sys.path.insert(0, ROOT)
 _cache = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken-cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = _cache
+
+_BPE = {}
+
+
+def gpt2_bpe_missing():
+    """Why GPT-2's BPE cannot be loaded here (None when it can): a fresh clone offline has no tiktoken cache."""
+    if "why" not in _BPE:
+        from tokenizer import gpt2_tokenizer
+        try:
+            gpt2_tokenizer()
+            _BPE["why"] = None
+        except RuntimeError as e:
+            _BPE["why"] = f"needs GPT-2's BPE files: {e}"
+    return _BPE["why"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpt2_bpe: the test tokenizes with GPT-2's BPE (tiktoken's two files); "
+                                       "it skips, saying why, where they cannot be loaded")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("gpt2_bpe") and gpt2_bpe_missing():
+        pytest.skip(gpt2_bpe_missing())

@@ -9,6 +9,7 @@ import tiktoken
 import torch
 
 import curriculum as C
+import data.prosqa.prepare as prosqa_data
 from records import Tokenized, check_length, load_records, tokenize
 from tokenizer import GPT2_SPLIT, Tokenizer, compact_tokenizer, gpt2_tokenizer
 
@@ -48,6 +49,7 @@ def gsm_record(line):
 
 # ----------------------------------------------------------------------------- tokenizer
 
+@pytest.mark.gpt2_bpe
 def test_gpt2_tokenizer_ids_and_decoding():
     tok = gpt2_tokenizer()
     assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.start_id, tok.end_id, tok.latent_id) == \
@@ -61,12 +63,14 @@ def test_gpt2_tokenizer_ids_and_decoding():
     assert GPT2_SPLIT == tiktoken.get_encoding("gpt2")._pat_str
 
 
+@pytest.mark.gpt2_bpe
 def test_tokenize_handmade():
     q, steps, a = tokenize(R)
     assert (q, steps, a) == (Q, [S1, S2], A)
     assert tokenize(R) == Tokenized(Q, [S1, S2], A)
 
 
+@pytest.mark.gpt2_bpe
 def test_tokenize_equals_whole_text_on_prosqa(prosqa):
     # the official code asserts this on its first record; here on every one
     recs, toks = prosqa
@@ -76,8 +80,8 @@ def test_tokenize_equals_whole_text_on_prosqa(prosqa):
         assert q + [t for s in steps for t in s] + a == enc.encode_ordinary(whole) + [EOS]
 
 
-def test_compact_tokenizer_roundtrip_and_checkpoint(prosqa):
-    recs, _ = prosqa
+def test_compact_tokenizer_roundtrip_and_checkpoint():
+    recs = prosqa_data.generate(300, random.Random(0))  # ProsQA-format records made here: no file, no BPE needed
     tok = compact_tokenizer(recs)
     n = tok.vocab_size
     assert n < 1000  # 256 bytes + a few hundred words, against GPT-2's 50k
@@ -157,6 +161,7 @@ def ex(ids, labels):
     return {"input_ids": ids, "labels": labels}
 
 
+@pytest.mark.gpt2_bpe
 def test_coconut_stages_handmade():
     m = C.make_example
     t = tokenize(R)
@@ -176,6 +181,7 @@ def test_coconut_stages_handmade():
     assert m(t, 1, pad_latent_to_max=False) == m(t, 1)
 
 
+@pytest.mark.gpt2_bpe
 def test_baseline_modes_handmade():
     m = C.make_example
     t = tokenize(R)
@@ -194,6 +200,7 @@ def test_baseline_modes_handmade():
         m(t, 0, "magic")
 
 
+@pytest.mark.gpt2_bpe
 def test_make_question_handmade():
     mq = C.make_question
     t = tokenize(R)
@@ -219,6 +226,7 @@ def test_stage_for_epoch():
     assert f(12, 5, "icot") == 0  # iCoT's count follows the step (removal_schedule), not the epoch
 
 
+@pytest.mark.gpt2_bpe
 def test_uniform_prob():
     t = tokenize(R)
     n_q = len(Q)
@@ -278,6 +286,7 @@ def test_collate_handmade():
         C.collate([{"input_ids": [1, 2], "labels": [1]}])
 
 
+@pytest.mark.gpt2_bpe
 def test_check_length_and_build_examples(capsys):
     t = tokenize(R)
     long_t = Tokenized(Q * 4, [S1, S2], A)  # 24 + 13 + 7 = 44 tokens at stage 0 with the markers: 46
@@ -333,6 +342,7 @@ def reference_collate(seqs, labels):
     return out
 
 
+@pytest.mark.gpt2_bpe
 def test_coconut_on_prosqa_against_reference(prosqa):
     _, toks = prosqa
     M = 6
@@ -357,6 +367,7 @@ def test_coconut_on_prosqa_against_reference(prosqa):
                     assert len(firsts) <= 1
 
 
+@pytest.mark.gpt2_bpe
 def test_gsm8k_records(tmp_path):
     with open(needs(GSM_VALID), encoding="utf-8") as f:
         lines = [next(f) for _ in range(20)]

@@ -181,6 +181,7 @@ def test_make_icot_example_handmade():
     assert make_icot_example(Tokenized(Q, [], A), 5)["input_ids"] == Q + A
 
 
+@pytest.mark.gpt2_bpe
 def test_make_icot_example_gsm8k():
     if not os.path.exists(GSM_VALID):
         pytest.skip(f"gsm8k_aug_valid.txt not found at {GSM_VALID}")

@@ -299,6 +299,7 @@ def write_hf_gpt2(folder, n_layer=1, n_head=2, n_embd=32, n_positions=128):
     return sd
 
 
+@pytest.mark.gpt2_bpe
 def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
     folder = str(tmp_path / "hf")
     sd = write_hf_gpt2(folder)
