@@ -91,7 +91,8 @@ def test_compact_tokenizer_roundtrip_and_checkpoint():
         for text in [r["question"] + "\n", "### " + r["answer"]] + [s + "\n" for s in r["steps"]]:
             ids = tok.encode(text)
             assert tok.decode(ids) == text and max(ids) < tok.eos_id
-    assert len(tok.encode(" Every lempus is a wumpus.")) <= 8  # whole words are single tokens
+    every = next(s for s in recs[0]["steps"] if s.startswith("Every "))  # "Every lempus is a wumpus."
+    assert len(tok.encode(" " + every)) <= 6  # whole words are single tokens: " Every", " lempus", ..., "."
     unseen = "Zoë's café: 日本語 <|endoftext|> <|latent|>\n\n\t  42,000 ☃\n"
     assert tok.decode(tok.encode(unseen)) == unseen
     assert not set(tok.encode(unseen)) & {tok.eos_id, tok.start_id, tok.end_id, tok.latent_id}
