@@ -229,11 +229,13 @@ class GPT(nn.Module):
             return _load_into(cls(config), read_safetensors(path), path)
         if os.path.isdir(name_or_path):
             path = os.path.join(name_or_path, "model.safetensors")
+            cfg_path = os.path.join(name_or_path, "config.json")
+            # the config first: another architecture's folder is named as such, whatever its weight files
+            config = _config_from_json(cfg_path, dropout) if os.path.exists(cfg_path) else None
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{name_or_path} has no model.safetensors")
-            cfg_path = os.path.join(name_or_path, "config.json")
             tensors = read_safetensors(path)
-            config = _config_from_json(cfg_path, dropout) if os.path.exists(cfg_path) else _config_from_tensors(tensors, path, dropout)
+            config = config or _config_from_tensors(tensors, path, dropout)
             return _load_into(cls(config), tensors, path)
         if not os.path.exists(name_or_path):
             raise FileNotFoundError(f"no such model: {name_or_path!r} (expected {', '.join(HUB_SIZES)}, "
@@ -308,9 +310,31 @@ def read_safetensors(path):
     return tensors
 
 
+GPT2_JSON_KEYS = ("n_layer", "n_head", "n_embd")  # what save_pretrained's config.json of a GPT-2 must give
+
+
 def _config_from_json(path, dropout):
-    with open(path) as f:
-        c = json.load(f)
+    """
+    A GPTConfig from the config.json that transformers' save_pretrained writes beside the weights.
+    Only GPT-2 loads here: another model_type (llama, gpt_neox, ...), a missing or misspelled size, or a
+    file that is not a JSON object is a ValueError of one line that says so (this is where another
+    architecture would be dispatched).
+    """
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(c).__name__}")
+    model_type = c.get("model_type", "gpt2")  # older GPT-2 configs may not name it
+    if model_type != "gpt2":
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported: only GPT-2 (model_type 'gpt2') "
+                         f"loads here")
+    bad = [k for k in GPT2_JSON_KEYS if not (isinstance(c.get(k), int) and c[k] > 0)]
+    if bad:
+        raise ValueError(f"{path}: not a GPT-2 config: {', '.join(bad)} missing or not a positive whole number "
+                         f"(a GPT-2 config.json gives {', '.join(GPT2_JSON_KEYS)}; only GPT-2 loads here)")
     return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                      block_size=c.get("n_positions", 1024), vocab_size=c.get("vocab_size", 50257), dropout=dropout)
 

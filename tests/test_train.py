@@ -299,6 +299,33 @@ def write_hf_gpt2(folder, n_layer=1, n_head=2, n_embd=32, n_positions=128):
     return sd
 
 
+def test_init_from_another_architecture_is_one_line(data_dir, tmp_path, capsys):
+    # a Llama folder as transformers saves it, and GPT-2 configs with a size missing, misspelled or wrong
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps(dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                                                       architectures=["LlamaForCausalLM"])))
+    (llama / "model-00001-of-00002.safetensors").write_bytes(b"")  # sharded weights: the config speaks first
+    cases = {"llama": ["model_type 'llama' is not supported", "only GPT-2"]}
+    for name, cfg, words in (("missing", dict(n_layer=1, n_head=2), ["n_embd missing"]),
+                             ("misspelled", dict(n_layers=1, n_head=2, n_embd=32), ["n_layer missing"]),
+                             ("wrong", dict(n_layer="1", n_head=2, n_embd=32, model_type="gpt2"), ["n_layer"]),
+                             ("notjson", None, ["not valid JSON"]), ("list", [1, 2], ["expected a JSON object"])):
+        folder = str(tmp_path / name)
+        write_hf_gpt2(folder)
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            f.write("{n_layer: 1" if cfg is None else json.dumps(cfg))
+        cases[name] = words
+    for name, words in cases.items():
+        assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"),
+                                  "--init_from", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("train.py: error:"), err
+        assert all(w in err for w in words) and "config.json" in err, err
+        if name in ("missing", "misspelled", "wrong"):
+            assert "only GPT-2" in err
+
+
 @pytest.mark.gpt2_bpe
 def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
     folder = str(tmp_path / "hf")
