@@ -396,3 +396,76 @@ def test_gsm8k_records(tmp_path):
     e = C.make_example((q, steps, a), 4, c_thought=2, max_latent_stage=3)
     assert e["input_ids"][n:] == [S] + [L] * 6 + [E, 21017, 5867, EOS]
     assert C.make_question((q, steps, a), 4, c_thought=2, max_latent_stage=3) == q + [S] + [L] * 6 + [E]
+
+
+# ----------------------------------------------------------------------------- the answer rule
+
+def official_answer(text):
+    # the official evaluation's rule (run.py), written here again: what follows the last '#', commas removed
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def decoded_outputs(r, other_answer):
+    """What the evaluation decodes for record r (its prompt's text + the new tokens): its own training
+    targets in every mode's shape and outputs a model plausibly writes (wrong, cut short, repeated...)."""
+    q, steps, a = r["question"] + "\n", [s + "\n" for s in r["steps"]], r["answer"]
+    chain = "".join(steps)
+    yield q + chain + "### " + a                            # CoT's target (and stage 0's)
+    for k in range(len(steps) + 1):                          # Coconut at stage k: the thoughts decode to nothing
+        yield q + "".join(steps[k:]) + "### " + a
+    yield q + "### " + other_answer                          # a wrong answer
+    yield q + chain + "### " + a + "\n### " + other_answer   # an answer written twice: the last one counts
+    yield q + chain[:len(chain) // 2]                        # cut short by max_new_tokens: no marker at all
+    yield q + "### "                                         # the marker, then <eos> at once
+    yield q + "###" + a                                      # a marker without its space
+    yield q + "#### " + a                                    # GSM8k's original "####"
+    yield q + "## " + a
+    yield q + "### " + a.replace("0", ",0")                  # commas do not count
+
+
+def real_records():
+    """ProsQA's validation file and GSM8k-Aug's (converted as data/gsm8k/prepare.py does), where present."""
+    out = {}
+    if os.path.exists(PROSQA_VALID):
+        out["prosqa"] = C.load_records(PROSQA_VALID)
+    if os.path.exists(GSM_VALID):
+        import data.gsm8k.prepare as gsm8k
+        out["gsm8k"] = gsm8k.convert_lines(gsm8k.read_lines(GSM_VALID))
+    return out
+
+
+@pytest.mark.parametrize("name", ["prosqa", "gsm8k", "prontoqa (generated)", "prosqa (generated)"])
+def test_answer_rule_equals_the_official_one_on_every_record(name):
+    if name == "prontoqa (generated)":  # ProntoQA's files are generated (data/prontoqa/prepare.py)
+        import data.prontoqa.prepare as prontoqa
+        rng = random.Random(0)
+        records = [prontoqa.make_example(rng) for _ in range(800)]
+    elif name == "prosqa (generated)":
+        records = prosqa_data.generate(300, random.Random(2))
+    else:
+        records = real_records().get(name)
+        if records is None:
+            pytest.skip(f"the real {name} validation file is not in {os.path.dirname(PROSQA_VALID)}")
+        assert len(records) == {"prosqa": 300, "gsm8k": 500}[name]
+    n = 0
+    for i, r in enumerate(records):
+        for text in decoded_outputs(r, records[i - 1]["answer"]):
+            assert C.extract_answer(text) == official_answer(text), (i, text[-80:])
+            n += 1
+        # and the record's own target is right by both rules
+        assert official_answer(r["question"] + "\n### " + r["answer"]) == r["answer"].replace(",", "").strip()
+    assert n >= 10 * len(records)
+
+
+def test_answer_rule_reads_an_answer_that_holds_a_hash():
+    # a user's record whose answer holds '#': its own target "### C#" scores, which the official rule alone cuts
+    recs = [{"question": "Which language?", "steps": ["It is C#."], "answer": "C#"},
+            {"question": "Which tag?", "steps": ["Tags start with #."], "answer": "#coconut, #ai"}]
+    tok = C.compact_tokenizer(recs)
+    for r in recs:
+        t = C.tokenize(r, tok)
+        for new in (t.answer, [i for s in t.steps for i in s] + t.answer):  # No-CoT's and CoT's targets
+            assert C.is_correct(t.question, new, r["answer"], tok)
+        assert not C.is_correct(t.question, tok.encode("### C"), r["answer"], tok)
+    assert official_answer("Which language?\n### C#") == "" and C.extract_answer("Which language?\n### C#") == "C#"
+    assert C.extract_answer("x\n### #coconut, #ai") == "#coconut #ai"
