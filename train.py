@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -47,6 +48,7 @@ RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threa
              "eval_every", "max_val", "eval_batch_size", "overwrite"}
 
 RANK, LOCAL_RANK, WORLD = 0, 0, 1  # set by setup_distributed()
+LAUNCH = {"argv": []}              # this run's command-line arguments, for the messages that repeat the command
 
 
 class Diverged(RuntimeError):
@@ -113,14 +115,17 @@ def train(args):
                     saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved)
                 if stop:
                     raise Interrupted(f"stopped at step {state['step']}; saved {ckpt_path}: continue with "
-                                      f"`python train.py --out_dir {args.out_dir} --resume`")
+                                      f"`{resume_command(args.out_dir)}`")
                 send_test_signal(state["step"])
             m, improved = validate(model, tok, val_tok, val_records, epoch, stage, args, device, autocast, state,
                                    meter.seconds())
             state.update(epoch_complete=True, metrics=state["metrics"] + [m])
             saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved, best=improved)
             if STOP["requested"]:
-                raise Interrupted(f"stopped after epoch {epoch + 1}; saved {ckpt_path}: continue with --resume")
+                raise Interrupted(f"stopped after epoch {epoch + 1}; saved {ckpt_path}: continue with "
+                                  f"`{resume_command(args.out_dir)}`")
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, wherever it fell; a save is atomic
+        raise Interrupted(f"interrupted at once; {intact(ckpt_path, saved, args.out_dir)}") from None
     finally:
         restore_signal_handlers(handlers)
     log(stage_table(state["metrics"]))
@@ -379,8 +384,8 @@ def settle_config(args):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if not args.resume:
         if os.path.exists(ckpt_path) and not args.overwrite:
-            raise ValueError(f"{args.out_dir} already holds a run ({ckpt_path}): --resume it, or --overwrite, "
-                             f"or pick another --out_dir")
+            raise ValueError(f"{args.out_dir} already holds a run ({ckpt_path}): continue it with "
+                             f"`{resume_command(args.out_dir)}`, or start afresh with --overwrite or another --out_dir")
         return args, None
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
@@ -414,7 +419,8 @@ def start_state(args, ckpt, optimizer, device):
     else:
         log(f"warning: the checkpoint holds the random states of {len(rngs)} processes, not {WORLD}: "
             f"dropout will not repeat the uninterrupted run")
-    where = "after it" if state["epoch_complete"] else f"{state['epoch_step']} steps into it"
+    n = state["epoch_step"]
+    where = "after it" if state["epoch_complete"] else f"{n} step{'' if n == 1 else 's'} into it"
     log(f"resuming {args.out_dir}: epoch {state['epoch'] + 1}, {where}; step {state['step']}")
     return state
 
@@ -442,6 +448,27 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
 
 def last_good(path, saved):
     return "no checkpoint was saved" if saved is None else f"{path} (step {saved}) is the last good checkpoint"
+
+
+def intact(path, saved, out_dir):
+    """What a stop at once left: the last checkpoint (saves are atomic: never half written) and the way on."""
+    if saved is None:
+        return f"no checkpoint was saved yet: start again with `{launch_command()}`"
+    return f"the last checkpoint, {path} (step {saved}), is intact: continue with `{resume_command(out_dir)}`"
+
+
+def resume_command(out_dir):
+    """The whole command that continues the run in out_dir (torchrun's with as many processes)."""
+    return f"{launcher()} --out_dir {shlex.quote(out_dir)} --resume"
+
+
+def launch_command():
+    """The command this process was started with (train.main(argv) in a test: that argv)."""
+    return " ".join([launcher()] + [shlex.quote(a) for a in LAUNCH["argv"]])
+
+
+def launcher():
+    return f"torchrun --nproc_per_node {WORLD} train.py" if WORLD > 1 else "python train.py"
 
 
 def rng_state(device):
@@ -527,6 +554,7 @@ def run_demo(args):
 
 
 def main(argv=None):
+    LAUNCH["argv"] = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)  # bad options end here: argparse prints one line and exits 2
     setup_distributed()
     try:
@@ -537,8 +565,9 @@ def main(argv=None):
     except Interrupted as e:
         log(f"train.py: {e}")
         return 130
-    except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # before the run's loop began (loading data or the model): nothing was written
+        print(f"train.py: interrupted before the first step; {args.out_dir} is as it was: run "
+              f"`{resume_command(args.out_dir) if args.resume else launch_command()}` again", file=sys.stderr)
         return 130
     except (Diverged, OSError, ValueError, subprocess.CalledProcessError) as e:
         if RANK == 0:

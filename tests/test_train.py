@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -165,6 +166,52 @@ def test_sigkill_and_resume_is_bit_identical(data_dir, tmp_path):
     assert strip(ma) == strip(mb)  # the same losses and accuracies, one line per epoch
 
 
+def stop_line(capsys):
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def run_printed_command(line):
+    """The command a stop message gives (between backquotes), run as a user would paste it."""
+    argv = shlex.split(re.findall(r"`([^`]+)`", line)[-1])
+    assert argv[:2] == ["python", "train.py"], line
+    return train.main(argv[2:])
+
+
+def test_every_stop_gives_the_whole_command(data_dir, tmp_path, monkeypatch, capsys):
+    # in this process: the test signals reach train.py's own handlers, as a Ctrl-C in a terminal would
+    common = TINY + ["--data_dir", str(data_dir), "--epochs", "2"]
+    b = str(tmp_path / "b c")  # a space in the folder: the command quotes it
+    # Ctrl-C at the epoch's last step: it validates, saves and stops after the epoch
+    monkeypatch.setenv(SIGNAL_HOOK, "6:INT")
+    assert train.main(common + ["--out_dir", b]) == 130
+    last = stop_line(capsys)
+    assert last == f"train.py: stopped after epoch 1; saved {b}/ckpt.pt: continue with " \
+                   f"`python train.py --out_dir '{b}' --resume`", last
+    monkeypatch.delenv(SIGNAL_HOOK)
+    assert run_printed_command(last) == 0
+    assert [json.loads(x)["epoch"] for x in open(os.path.join(b, "metrics.jsonl"))] == [1, 2]
+    # a second Ctrl-C stops at once, between saves (--save_every 2: the last save was step 2)
+    b2 = str(tmp_path / "b2")
+    monkeypatch.setenv(SIGNAL_HOOK, "3:INT,3:INT")
+    assert train.main(common + ["--out_dir", b2, "--save_every", "2"]) == 130
+    last = stop_line(capsys)
+    assert last == f"train.py: interrupted at once; the last checkpoint, {b2}/ckpt.pt (step 2), is intact: " \
+                   f"continue with `python train.py --out_dir {b2} --resume`", last
+    assert torch.load(os.path.join(b2, "ckpt.pt"), weights_only=True)["step"] == 2
+    monkeypatch.delenv(SIGNAL_HOOK)
+    assert run_printed_command(last) == 0
+    assert "epoch 1, 2 steps into it; step 2" in capsys.readouterr().out
+    # before any save: the same command again
+    monkeypatch.setenv(SIGNAL_HOOK, "1:INT,1:INT")
+    assert train.main(common + ["--out_dir", str(tmp_path / "c")]) == 130
+    assert "no checkpoint was saved yet: start again with `python train.py --dataset tiny" in stop_line(capsys)
+    # the stopped-and-continued runs end where one that ran through does (exact resume)
+    monkeypatch.delenv(SIGNAL_HOOK)
+    assert train.main(common + ["--out_dir", str(tmp_path / "a")]) == 0
+    for d in (b, b2):
+        assert_same_weights(weights(str(tmp_path / "a" / "ckpt.pt")), weights(os.path.join(d, "ckpt.pt")))
+
+
 def test_icot_passes_its_counts_and_resumes_bit_identically(data_dir, tmp_path):
     # iCoT: the count of removed chain tokens grows every 2 steps (round(6 steps per epoch / 4)), the optimizer
     # is reset when it grows, and a run killed mid-epoch resumes to the same weights
@@ -260,7 +307,7 @@ def test_corrupt_checkpoints(data_dir, tmp_path, capsys):
     assert train.main(["--out_dir", str(out), "--resume", "--lr", "0.5"]) == 1
     assert "--lr 0.5 differs" in capsys.readouterr().err
     assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(out)]) == 1  # would overwrite a run
-    assert "--resume it" in capsys.readouterr().err
+    assert f"continue it with `python train.py --out_dir {out} --resume`" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
