@@ -100,9 +100,12 @@ def plot_eval(rows, path, title=""):
     x = [_f(r["thoughts"]) for r in rows]
     fig, (a1, a2) = _figure(plt, 2, "Accuracy and tokens per question against continuous thoughts", title)
     a1.plot(x, [100 * _f(r["acc"]) for r in rows], "o-", color="tab:blue", label="accuracy")
-    a1.set(xlabel="continuous thoughts", ylabel="accuracy (%)", title="accuracy")
+    # accuracy always on 0-100%: a flat line must look flat, not like noise on a 1%-high axis
+    a1.set(xlabel="continuous thoughts", ylabel="accuracy (%)", title="questions answered correctly (%)",
+           ylim=(0, 100))
     a2.plot(x, [_f(r["tokens_per_q"]) for r in rows], "s-", color="tab:orange", label="thoughts + generated tokens")
-    a2.set(xlabel="continuous thoughts", ylabel="tokens per question", title="the paper's # tokens")
+    a2.set(xlabel="continuous thoughts", ylabel="tokens per question",
+           title="tokens per question: thoughts + written (the paper's # tokens)")
     for ax in (a1, a2):
         _integer_ticks(ax, x)  # a mean over records with fewer thoughts can be fractional: then auto ticks
         ax.grid(alpha=0.3)
@@ -247,13 +250,12 @@ def plot_run(metrics, path, title=""):
     # small markers: a run of one epoch (or one between two nans) is still visible
     a1.plot(ep, [_f(m.get("train_loss")) for m in metrics], ".-", color="tab:blue", label="train loss")
     a1.plot(ep, [_f(m.get("val_loss")) for m in metrics], ".-", color="tab:orange", label="validation loss")
-    a1.set(xlabel="epoch", ylabel="loss (at the epoch's stage)", title="loss")
+    a1.set(xlabel="epoch", ylabel="loss (at the epoch's stage)", title="training and validation loss")
     acc = [m for m in metrics if m.get("val_acc") is not None]
     a2.plot([m["epoch"] for m in acc], [100 * _f(m["val_acc"]) for m in acc], "o-", color="tab:green",
             label="validation accuracy")
-    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
-    if not acc:
-        a2.set_ylim(0, 100)  # not measured yet: the scale it will have, not -0.04..0.04
+    # always 0-100%: a flat 15% drawn on an axis from 14.2% to 15.8% would look like variation
+    a2.set(xlabel="epoch", ylabel="accuracy (%)", title="validation questions answered correctly (%)", ylim=(0, 100))
     from matplotlib.ticker import MaxNLocator
     a1.xaxis.set_major_locator(MaxNLocator(integer=True))  # shared with a2: whole epochs only
     if ep:  # whole epochs, half an epoch of room either side: one epoch alone is still a column

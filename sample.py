@@ -95,8 +95,8 @@ def parse_args(argv=None):
                       help="--analyze on text ProsQA: the thought itself through lm_head (first token of each "
                            "name), or the paper's next step after k thoughts (the whole name)")
     what.add_argument("--plot", default=None, metavar="FILE.png",
-                      help="draw what --eval, --analyze or --paths print (alone: the run's losses and accuracy); "
-                           "needs matplotlib")
+                      help="draw what --eval, --analyze or --paths print (alone: the whole run's losses and accuracy, "
+                           "from the metrics.jsonl beside the checkpoint); needs matplotlib")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
     args = p.parse_args(argv)
 
@@ -143,6 +143,21 @@ def load_model(args):
     return model.eval(), tok, ckpt, path
 
 
+def run_history(path, ckpt):
+    """
+    -> (the run's metrics, one dict per epoch, and where they come from): the whole run from the
+    metrics.jsonl beside the checkpoint (train.py rewrites it at every save), else the checkpoint's own
+    list, which for best.pt stops at the best epoch.
+    """
+    jsonl = os.path.join(os.path.dirname(path), "metrics.jsonl")
+    if os.path.isfile(jsonl):
+        try:
+            return plots.read_metrics(jsonl), jsonl
+        except ValueError as e:
+            raise ValueError(f"{jsonl}: not one JSON object per line ({e})") from None
+    return ckpt.get("metrics", []), f"{path} (no metrics.jsonl beside it: the epochs up to this checkpoint)"
+
+
 def load_questions(args, cfg):
     """The records ({"question", "steps", "answer"}, ProsQA's graph too) and whether they have answers."""
     if args.question:
@@ -166,7 +181,9 @@ def run(args):
     print(f"{path}: {cfg.get('mode', 'coconut')} on {cfg.get('dataset', '?')}, epoch {ckpt.get('epoch', -1) + 1}, "
           f"stage {stage} (c_thought {cfg.get('c_thought', 1)}, max_latent_stage {cfg.get('max_latent_stage', 6)})")
     if args.plot and not (args.eval or args.analyze or args.paths):
-        return draw(plots.plot_run, args.plot, ckpt.get("metrics", []), title=f"{cfg.get('mode')} on {cfg.get('dataset')}")
+        metrics, source = run_history(path, ckpt)
+        print(f"the run's {len(metrics)} epoch(s) from {source}")
+        return draw(plots.plot_run, args.plot, metrics, title=f"{cfg.get('mode')} on {cfg.get('dataset')}")
     records, answered = load_questions(args, cfg)
     tokenized = [tokenize(r, tok) for r in records]
     max_new = args.max_new_tokens or cfg.get("max_new_tokens") or 128

@@ -128,6 +128,39 @@ def test_plot_run(mpl, tmp_path):
     check_png(plots.plot_run([], str(tmp_path / "none.png")), 2)  # an empty metrics.jsonl
 
 
+def drawn(monkeypatch, fn, *args):
+    """The figure fn would save, kept open for its data: its axes."""
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, path: figs.append(fig) or path)
+    fn(*args, "unused.png")
+    return figs[0].axes
+
+
+def test_plot_run_data(mpl, monkeypatch):
+    # a flat 15% over 34 epochs (a model that answers "### 0" to everything): drawn flat on 0-100%
+    metrics = [dict(epoch=e, stage=min((e - 1) // 5, 6), step=e, train_loss=3.0 / e, val_loss=3.5 / e, val_acc=0.15)
+               for e in range(1, 35)]
+    del metrics[3]["val_acc"]  # an epoch without an accuracy: left out of the accuracy line, not drawn as 0
+    loss, acc = drawn(monkeypatch, plots.plot_run, metrics[::-1])
+    assert loss.get_title() == "training and validation loss"
+    assert acc.get_title() == "validation questions answered correctly (%)"
+    assert acc.get_ylim() == (0.0, 100.0) and acc.get_ylabel() == "accuracy (%)"
+    curves = lambda ax: [l for l in ax.get_lines() if not l.get_label().startswith("_")]  # not the stage lines
+    (line,) = curves(acc)
+    assert list(line.get_xdata()) == [e for e in range(1, 35) if e != 4] and set(line.get_ydata()) == {15.0}
+    train_line, val_line = curves(loss)
+    assert list(train_line.get_xdata()) == list(range(1, 35))
+    assert list(val_line.get_ydata()) == pytest.approx([3.5 / e for e in range(1, 35)])
+    stages = [t.get_text().strip() for t in acc.texts]
+    assert stages == [f"stage {k}" for k in range(7)]  # where each stage starts, once
+    # and the accuracy against thoughts: 0-100% too
+    rows = [dict(thoughts=k, acc=0.5 + 0.001 * k, tokens_per_q=10 - k) for k in range(4)]
+    a1, a2 = drawn(monkeypatch, plots.plot_eval, rows)
+    assert a1.get_ylim() == (0.0, 100.0) and a1.get_title() == "questions answered correctly (%)"
+    assert list(a1.get_lines()[0].get_ydata()) == pytest.approx([50.0, 50.1, 50.2, 50.3])
+    assert "tokens per question" in a2.get_title()
+
+
 def test_cli_plots_metrics_jsonl(mpl, tmp_path, monkeypatch, capsys):
     path = tmp_path / "metrics.jsonl"
     rows = [dict(epoch=1, stage=0, train_loss=1.0, val_loss=1.1, val_acc=0.5),

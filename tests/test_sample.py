@@ -303,6 +303,28 @@ def test_plots_from_the_command_line(run_dir, tmp_path, capsys):
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 300
 
 
+def test_plot_alone_draws_the_whole_run(run_dir, tmp_path, monkeypatch, capsys):
+    # best.pt holds the history up to its best epoch; the plot takes metrics.jsonl beside it: every epoch
+    d = tmp_path / "run"
+    d.mkdir()
+    ck = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ck["metrics"] = ck["metrics"][:1]  # as if the best epoch were the first
+    torch.save(ck, d / "best.pt")
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = []
+    monkeypatch.setattr(sample.plots, "plot_run", lambda metrics, path, title="": got.append(metrics) or path)
+    assert sample.main(["--out_dir", str(d), "--plot", str(tmp_path / "run.png")]) == 0
+    assert got == [rows] and len(rows) == 3
+    assert f"the run's 3 epoch(s) from {d / 'metrics.jsonl'}" in capsys.readouterr().out
+    (d / "metrics.jsonl").unlink()  # without it: the checkpoint's own list, and the line says so
+    assert sample.main(["--out_dir", str(d), "--plot", str(tmp_path / "run.png")]) == 0
+    assert got[1] == rows[:1] and "no metrics.jsonl beside it" in capsys.readouterr().out
+    (d / "metrics.jsonl").write_text("{not json\n")
+    assert sample.main(["--out_dir", str(d), "--plot", str(tmp_path / "run.png")]) == 1
+    assert "not one JSON object per line" in capsys.readouterr().err
+
+
 def test_the_first_look_uses_the_default_run(run_dir, tmp_path):
     # `python sample.py --latent 2` with no source: the default run's checkpoint (here the demo's folder),
     # the first 3 validation questions of its data set, their answers and decoded thoughts
