@@ -10,7 +10,7 @@ from checkpoint import LATENT_MODES
 from curriculum import MODES
 from gpt import HUB_SIZES
 from icot import ICOT_GSM8K
-from presets import DATASET_DEFAULTS, GENERAL_DEFAULTS, GENERIC
+from presets import DATASET_DEFAULTS, GENERAL_DEFAULTS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH, SCRATCH, USER
 
 
 
@@ -59,10 +59,14 @@ def build_parser(doc):
                    help="default 0.1 from OpenAI's weights (HF's GPT-2 config, what the paper trained), "
                         "0 from scratch (prosqa_graph 0.1), the checkpoint's from a .pt")
     o = p.add_argument_group("optimization")
-    o.add_argument("--batch_size", type=int, default=None, help="sequences per micro-batch (32; prosqa_graph 256)")
+    o.add_argument("--batch_size", type=int, default=None,
+                   help="sequences per micro-batch (32; prosqa_graph 256; tiny 64; a data set of yours from scratch: "
+                        f"what gives {MIN_STEPS_PER_EPOCH} steps per epoch, at most {MAX_SCRATCH_BATCH})")
     o.add_argument("--grad_accum", type=int, default=None,
-                   help="micro-batches per optimizer step, summed over all processes (4: 4 x 32 = the paper's 128)")
-    o.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (1e-4)")
+                   help="micro-batches per optimizer step, summed over all processes (4: 4 x 32 = the paper's 128; "
+                        "1 from scratch on tiny, prosqa_graph or a data set of yours)")
+    o.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate, constant (1e-4; 1e-3 from scratch on tiny or a data set of yours)")
     o.add_argument("--weight_decay", type=float, default=0.01, help="on all parameters, as the official code")
     o.add_argument("--reset_optimizer", default=None, choices=("epoch", "stage", "never"),
                    help="fresh AdamW state every epoch (the official yaml of every curriculum run: the default), "
@@ -83,7 +87,8 @@ def build_parser(doc):
     e.add_argument("--eval_every", type=int, default=1,
                    help="accuracy every N epochs (and always at a stage's last epoch and the run's last)")
     e.add_argument("--max_val", type=int, default=0, help="validate on the first N records only (0: all)")
-    e.add_argument("--max_new_tokens", type=int, default=None, help="generation limit (128; GSM8k 64)")
+    e.add_argument("--max_new_tokens", type=int, default=None,
+                   help="generation limit (128; GSM8k 64; a data set of yours: its longest chain + answer, +25%%)")
     e.add_argument("--eval_batch_size", type=int, default=None, help="questions generated at once (64)")
     p.add_argument("--demo", action="store_true",
                    help="the CPU demo: Coconut from scratch on data/tiny (made if missing), then No-CoT for as many "
@@ -94,7 +99,10 @@ def build_parser(doc):
 def check_args(p, args):
     if not args.dataset or os.sep in args.dataset or args.dataset.startswith("."):
         p.error(f"--dataset {args.dataset!r}: give a folder name under --data_dir")
-    for k, v in {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, GENERIC)}.items():
+    user = args.dataset not in DATASET_DEFAULTS
+    scratch = (args.init_from or GENERAL_DEFAULTS["init_from"]) == "scratch"
+    defaults = {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, USER), **(SCRATCH if user and scratch else {})}
+    for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.reset_optimizer is None:  # iCoT resets whenever its count grows, not by epoch
@@ -106,7 +114,7 @@ def check_args(p, args):
         p.error("--remove_per_epoch and --removal_smoothing_lambda must be positive")
     for k in ("stage_epochs", "epochs", "batch_size", "grad_accum", "max_new_tokens", "n_layer", "n_head",
               "n_embd", "block_size", "eval_batch_size", "eval_every"):
-        if getattr(args, k) < 1:
+        if getattr(args, k) is not None and getattr(args, k) < 1:  # None: settled from the data
             p.error(f"--{k} must be at least 1")
     for k in ("c_thought", "max_latent_stage", "start_epoch", "save_every", "max_val", "threads"):
         if getattr(args, k) < 0:

@@ -1,10 +1,14 @@
 """
 train.py's settings per data set, as plain data: the paper's (official args/*.yaml), the superposition
 paper's for prosqa_graph, the CPU demo's for tiny. options.check_args fills every flag left unset from
-them: first GENERAL_DEFAULTS, then the data set's row (GENERIC for a folder of the user's).
+them: first GENERAL_DEFAULTS, then the data set's row (USER for a folder of the user's, and SCRATCH on top
+when it trains from scratch). None: settled from the data when the run has loaded it (train.settle_from_data).
 """
 
 GENERIC = dict(c_thought=1, max_latent_stage=6, stage_epochs=5, epochs=50, max_new_tokens=128)
+# A user's data set: the generic curriculum; validation writes at most what its longest target needs
+# (None), not 128 tokens per question from an untrained model.
+USER = dict(GENERIC, max_new_tokens=None)
 DATASET_DEFAULTS = {
     "prosqa": GENERIC,
     "prontoqa": GENERIC,
@@ -23,3 +27,8 @@ DATASET_DEFAULTS = {
 GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", uniform_prob=0.0, n_layer=2,
                         n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64)
 DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
+# A user's data set from scratch learns like the demo (lr 1e-3, no accumulation), in a batch that gives
+# every epoch at least MIN_STEPS_PER_EPOCH optimizer steps (None): the paper's 32 x 4 with lr 1e-4 gave
+# 50 records one step per epoch, and the model learnt nothing.
+SCRATCH = dict(batch_size=None, grad_accum=1, lr=1e-3)
+MIN_STEPS_PER_EPOCH, MAX_SCRATCH_BATCH = 16, 64

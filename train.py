@@ -30,16 +30,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (checkpoint_body, first_line, gpt_from_checkpoint, init_model, read_checkpoint, resolve_device,
-                        save_atomic, tokenizer_from_checkpoint)
+from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, read_checkpoint,
+                        resolve_device, save_atomic, tokenizer_from_checkpoint)
 from coconut import Coconut
 from curriculum import build_examples, collate, make_question, stage_for_epoch
 from evaluate import evaluate, summarize_outputs
 from icot import icot_epoch
 from interrupt import STOP, install_signal_handlers, restore_signal_handlers, send_test_signal
 from options import build_parser, check_args
-from presets import DEMO
+from presets import DEMO, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
 from records import graph_question, load_split, tokenize
+
+SLOW_RUN_HOURS = 2  # a CPU run estimated longer than this after its first step is told about the demo
 
 FEEDBACK_MODES = ("coconut", "no_curriculum")  # the modes that feed hidden states back as thoughts
 
@@ -73,18 +75,27 @@ def train(args):
     device, autocast = setup_device(args)
     train_records = load_split(args.data_dir, args.dataset, "train")
     val_records = load_split(args.data_dir, args.dataset, "valid")[:args.max_val or None]
+    settle_from_data(args, train_records)
     model, tok = make_model(args, ckpt, train_records, device)
     step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if WORLD > 1 else model
     optimizer = make_optimizer(model, args)
     state = start_state(args, ckpt, optimizer, device)
     train_tok = [tokenize(r, tok) for r in train_records]
     val_tok = [tokenize(r, tok) for r in val_records]
+    if args.max_new_tokens is None:  # a user's data set: what its longest target needs, and some room
+        args.max_new_tokens = min(longest_target(train_tok + val_tok) * 5 // 4 + 4, model.gpt.config.block_size)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     saved = ckpt["step"] if ckpt else None  # the step of the last good checkpoint, for error messages
+    per_epoch = len(plan_steps(len(train_records), 0, args))
     log(f"{args.mode} on {args.dataset}: {len(train_records)} train / {len(val_records)} valid records; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {args.batch_size} x {args.grad_accum} "
         f"sequences per step; {WORLD} process(es) on {device}, {'bfloat16' if autocast else 'float32'}")
-    warn_if_gpu_recipe_on_cpu(model, device)
+    n_epochs = args.epochs - args.start_epoch
+    log(f"{per_epoch} optimizer steps per epoch, {per_epoch * n_epochs} in the whole run ({n_epochs} epoch"
+        f"{'' if n_epochs == 1 else 's'}); validation writes up to {args.max_new_tokens} tokens per question")
+    for note in run_notes(args, train_records, per_epoch):
+        log(f"note: {note}")
+    noted = False
 
     handlers = install_signal_handlers()
     try:
@@ -110,7 +121,11 @@ def train(args):
                 optimizer.zero_grad(set_to_none=True)
                 state.update(step=state["step"] + 1, epoch_step=k + 1, epoch_tokens=state["epoch_tokens"] + n_tokens,
                              epoch_loss=[state["epoch_loss"][0] + loss, state["epoch_loss"][1] + 1])
-                meter.progress(state, loss, n_tokens, len(steps), args)
+                run_eta = meter.progress(state, loss, n_tokens, len(steps), args)
+                if run_eta is not None and not noted:  # the first progress line: right after the first step
+                    noted = True
+                    if slow_run_note(run_eta, device):
+                        log(slow_run_note(run_eta, device))
                 if stop or (args.save_every and state["step"] % args.save_every == 0):
                     saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved)
                 if stop:
@@ -315,12 +330,43 @@ def setup_device(args):
     return device, (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else None)
 
 
-def warn_if_gpu_recipe_on_cpu(model, device):
-    """GPT-2 124M on a CPU takes days per epoch: say so at once rather than let the run look stuck."""
-    n = sum(p.numel() for p in model.parameters())
-    if device.type == "cpu" and n > 50e6:
-        log(f"note: this is a GPU recipe ({n / 1e6:.0f}M parameters on a CPU); the first step's time gives the "
-            f"epoch's ETA below. The CPU demo is `python train.py --demo`.")
+def slow_run_note(run_seconds, device):
+    """
+    After the first step, from the run's estimated time on this device: a CPU run of many hours (the
+    paper's GPT-2 runs, the superposition recipe) is a GPU recipe; say so rather than let it look stuck.
+    """
+    if device.type == "cpu" and run_seconds > SLOW_RUN_HOURS * 3600:
+        return (f"note: at this speed the run takes about {fmt_time(run_seconds)} on this CPU: this is a GPU "
+                f"recipe. The CPU demo is `python train.py --demo` (minutes).")
+    return None
+
+
+def run_notes(args, records, per_epoch):
+    """What the first lines should warn about: too few steps to learn, stages with no step left to replace."""
+    notes = []
+    total = per_epoch * (args.epochs - args.start_epoch)
+    if args.init_from == "scratch" and total < 500:
+        notes.append(f"{total} optimizer steps may be too few for a model from scratch (the demo takes 2,000): "
+                     f"a smaller --batch_size or more --epochs gives more")
+    longest = max((len(r["steps"]) for r in records), default=0)
+    if args.mode in LATENT_MODES and args.max_latent_stage > longest:
+        # the official curriculum: stage k feeds k*c thoughts even to a record of fewer steps
+        notes.append(f"--max_latent_stage {args.max_latent_stage} is past the records' longest chain ({longest} "
+                     f"steps): stages {longest + 1}-{args.max_latent_stage} replace no more steps but still add "
+                     f"thoughts, up to {args.max_latent_stage * args.c_thought} per question; --max_latent_stage "
+                     f"{longest} matches the data")
+    return notes
+
+
+def settle_from_data(args, records):
+    """The defaults that depend on the data (a user's data set from scratch): the batch (see SCRATCH)."""
+    if args.batch_size is None:
+        args.batch_size = max(1, min(MAX_SCRATCH_BATCH, len(records) // (MIN_STEPS_PER_EPOCH * args.grad_accum)))
+
+
+def longest_target(tokenized):
+    """The most tokens a record's chain and answer take (what CoT at stage 0 writes after the question)."""
+    return max((sum(map(len, t.steps)) + len(t.answer) for t in tokenized), default=1)
 
 
 # -----------------------------------------------------------------------------
@@ -337,10 +383,12 @@ class Meter:
         return time.time() - self.t0
 
     def progress(self, state, loss, n_tokens, n_steps, args):
+        """Logs a progress line when due (the epoch's first and last step, then every log_every seconds);
+        returns the run's ETA in seconds when it did, else None."""
         self.tokens += n_tokens
         now, k = time.time(), state["epoch_step"]
         if now - self.t_log < args.log_every and k != self.first + 1 and k != n_steps:
-            return
+            return None
         per_step = (now - self.t0) / (k - self.first)
         val = [m["epoch_seconds"] - m["train_seconds"] for m in state["metrics"]][-1:] or [0.0]
         epoch_eta = per_step * (n_steps - k)
@@ -349,6 +397,7 @@ class Meter:
             f"loss {loss:.4f} | {self.tokens / max(now - self.t_log, 1e-9):,.0f} tok/s | "
             f"ETA epoch {fmt_time(epoch_eta)}, run {fmt_time(run_eta)}")
         self.t_log, self.tokens = now, 0
+        return run_eta
 
 
 def fmt_time(s):

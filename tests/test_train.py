@@ -100,17 +100,55 @@ def test_end_to_end(data_dir, tmp_path, capsys):
     assert r["mean_new_tokens"] == pytest.approx(metrics[-1]["mean_new_tokens"])
 
 
-def test_a_gpt2_run_on_a_cpu_says_it_is_a_gpu_recipe(capsys):
-    class Big(torch.nn.Module):  # 124M parameters on the meta device: no memory
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.empty(124_000_000, device="meta"))
-    train.warn_if_gpu_recipe_on_cpu(Big(), torch.device("cpu"))
-    line = capsys.readouterr().out.strip()
-    assert len(line.splitlines()) == 1 and "GPU recipe" in line and "124M" in line and "ETA" in line
-    train.warn_if_gpu_recipe_on_cpu(Big(), torch.device("cuda"))
-    train.warn_if_gpu_recipe_on_cpu(torch.nn.Linear(10, 10), torch.device("cpu"))
-    assert capsys.readouterr().out == ""
+def test_a_slow_cpu_run_says_so_after_its_first_step(data_dir, tmp_path, monkeypatch, capsys):
+    # the note follows the run's estimated time on this device, not its size: here any run is "slow"
+    monkeypatch.setattr(train, "SLOW_RUN_HOURS", 0)
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "run"), "--epochs", "2",
+                              "--log_every", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = next(i for i, l in enumerate(lines) if l.startswith("stage 0 | epoch 1/2 | step 1/6 "))
+    assert lines[first + 1].startswith("note: at this speed the run takes about ")
+    assert "on this CPU: this is a GPU recipe" in lines[first + 1] and "`python train.py --demo`" in lines[first + 1]
+    assert sum("GPU recipe" in l for l in lines) == 1  # once per run
+    assert train.slow_run_note(10 * 3600, torch.device("cuda")) is None
+    monkeypatch.setattr(train, "SLOW_RUN_HOURS", 2)
+    assert train.slow_run_note(3600, torch.device("cpu")) is None
+    assert "600:02:27" in train.slow_run_note(600 * 3600 + 147, torch.device("cpu"))
+
+
+def test_a_small_data_set_of_yours_from_scratch(tmp_path, capsys):
+    # 50 records of 2 steps from scratch: a batch that gives at least 16 steps per epoch, the demo's lr, no accumulation,
+    # validation's limit from the longest target; the first lines say how many steps and warn about stage 3-6
+    recs = [dict(question=f"What is {a} plus {b} plus {a}?", steps=[f"{a} plus {b} is {a + b}.",
+                                                                    f"{a + b} plus {a} is {2 * a + b}."],
+                 answer=str(2 * a + b)) for a in range(10) for b in range(6)]
+    (tmp_path / "sums").mkdir()
+    (tmp_path / "sums" / "train.json").write_text(json.dumps(recs[:50]))
+    (tmp_path / "sums" / "valid.json").write_text(json.dumps(recs[50:]))
+    mine = ["--dataset", "sums", "--data_dir", str(tmp_path), "--init_from", "scratch"]
+    args = train.parse_args(mine)
+    assert (args.batch_size, args.grad_accum, args.lr, args.max_new_tokens) == (None, 1, 1e-3, None)  # from the data
+    assert (args.stage_epochs, args.epochs, args.max_latent_stage) == (5, 50, 6)  # the generic curriculum
+    assert train.main(mine + ["--out_dir", str(tmp_path / "run"), "--epochs", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "50 train / 10 valid records" in out and "3 x 1 sequences per step" in out
+    assert "17 optimizer steps per epoch, 17 in the whole run (1 epoch)" in out
+    assert "note: 17 optimizer steps may be too few for a model from scratch" in out
+    assert ("note: --max_latent_stage 6 is past the records' longest chain (2 steps): stages 3-6 replace no more "
+            "steps but still add thoughts, up to 6 per question; --max_latent_stage 2 matches the data") in out
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    _, tok, _ = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    longest = max(sum(map(len, t.steps)) + len(t.answer) for t in (tokenize(r, tok) for r in recs))
+    assert ck["config"]["batch_size"] == 3 and ck["config"]["max_new_tokens"] == longest * 5 // 4 + 4 < 128
+    assert ck["metrics"][0]["mean_new_tokens"] <= ck["config"]["max_new_tokens"]
+    # the paper's presets keep their defaults; a data set of yours from GPT-2 keeps the paper's optimizer
+    for name, want in (("prosqa", (32, 4, 1e-4, 128)), ("prontoqa", (32, 4, 1e-4, 128)), ("gsm8k", (32, 4, 1e-4, 64)),
+                       ("prosqa_graph", (256, 1, 1e-4, 16)), ("tiny", (64, 1, 1e-3, 48)),
+                       ("sums", (32, 4, 1e-4, None))):
+        a = train.parse_args(["--dataset", name])
+        assert (a.batch_size, a.grad_accum, a.lr, a.max_new_tokens) == want, name
+    a = train.parse_args(mine + ["--batch_size", "8", "--lr", "3e-4"])  # typed values win
+    assert (a.batch_size, a.grad_accum, a.lr) == (8, 1, 3e-4)
 
 
 def test_answer_rule():
