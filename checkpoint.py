@@ -137,7 +137,8 @@ def init_model(args, train_records):
         try:
             gpt = GPT.from_pretrained(src, dropout=0.1 if args.dropout is None else args.dropout)
         except RuntimeError as e:  # a failed download
-            raise ValueError(f"--init_from {src}: {first_line(e)}") from None
+            raise ValueError(f"--init_from {src}: {first_line(e)}; on a CPU, the demo needs no download: "
+                             f"`python train.py --demo`") from None
         tok = gpt2_tokenizer()
         if gpt.config.vocab_size not in (50257, tok.vocab_size):
             raise ValueError(f"{src}: a vocabulary of {gpt.config.vocab_size} tokens is not GPT-2's 50257")

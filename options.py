@@ -22,15 +22,18 @@ def build_parser(doc):
     d = p.add_argument_group("data and curriculum (defaults: the paper's for each data set)")
     d.add_argument("--dataset", default="prosqa", help=f"{', '.join(DATASET_DEFAULTS)}, or any folder "
                    f"<data_dir>/<name>/ holding train.json and valid.json (generic defaults)")
-    d.add_argument("--data_dir", default="data")
-    d.add_argument("--mode", default="coconut", choices=MODES)
+    d.add_argument("--data_dir", default="data", help="the folder holding <dataset>/train.json and valid.json (data)")
+    d.add_argument("--mode", default="coconut", choices=MODES,
+                   help="coconut, or a baseline of the paper's Table 1 (README: Reproducing the paper)")
     d.add_argument("--stage_epochs", type=int, default=None, help="epochs per stage (5; GSM8k 3; prosqa_graph 25)")
     d.add_argument("--epochs", type=int, default=None, help="50 (GSM8k 25; prosqa_graph 300)")
     d.add_argument("--start_epoch", type=int, default=0,
                    help="skip the first epochs (the official `resume: N`): 3 for GSM8k Coconut from a CoT checkpoint")
     d.add_argument("--c_thought", type=int, default=None, help="continuous thoughts per removed step (1; GSM8k 2)")
     d.add_argument("--max_latent_stage", type=int, default=None, help="the last stage that removes a step (6; GSM8k 3)")
-    d.add_argument("--pad_latent_to_max", type=int, default=1, choices=(0, 1))
+    d.add_argument("--pad_latent_to_max", type=int, default=1, choices=(0, 1),
+                   help="past the last stage: 1 gives every question max_latent_stage x c thoughts (official), "
+                        "0 as many as its steps")
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
     d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "
@@ -46,9 +49,9 @@ def build_parser(doc):
                    help="remove the whole chain once the count reaches this (inf; GSM8k 39)")
     m = p.add_argument_group("model")
     m.add_argument("--init_from", default=None,
-                   help=f"{', '.join(HUB_SIZES)} (the default); a .safetensors file or a folder; a .pt checkpoint of "
-                        f"train.py; or 'scratch' (a new GPT of --n_layer/--n_head/--n_embd/--block_size; prosqa_graph's "
-                        f"default)")
+                   help=f"gpt2 (the default: OpenAI's 124M weights, downloaded once), {', '.join(list(HUB_SIZES)[1:])}; "
+                        f"a .safetensors file or a folder; a .pt checkpoint of train.py; or 'scratch' (a new GPT of "
+                        f"--n_layer/--n_head/--n_embd/--block_size; the default of prosqa_graph and tiny)")
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         m.add_argument(f"--{k}", type=int, default=None, help=f"scratch only ({GENERAL_DEFAULTS[k]}; prosqa_graph "
                                                               f"{DATASET_DEFAULTS['prosqa_graph'][k]})")

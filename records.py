@@ -15,20 +15,30 @@ from typing import List, NamedTuple
 from tokenizer import _texts, gpt2_tokenizer
 
 
-def load_records(path):
-    """A data set file: a JSON list of {"question": str, "steps": [str, ...], "answer": str}, checked."""
+def load_records(path, steps_optional=False):
+    """
+    A data set file: a JSON list of {"question": str, "steps": [str, ...], "answer": str}, checked.
+    steps_optional: a record without "steps" gets [] (questions to answer, as sample.py --file takes them).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+            text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise ValueError(f'{path}: the file is empty (expected a JSON list of {{"question", "steps", "answer"}} records)')
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:  # some messages end in "at" already ("Invalid control character at")
+        at = "" if e.msg.endswith(" at") else " at"
+        raise ValueError(f"{path}: not valid JSON: {e.msg}{at} line {e.lineno} column {e.colno}") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
     for i, r in enumerate(data):
+        if steps_optional and isinstance(r, dict):
+            r.setdefault("steps", [])
         _check_record(r, f"{path}: record {i}")
     return data
 

@@ -72,7 +72,7 @@ def parse_args(argv=None):
     src = p.add_argument_group("questions (one source; default: the first 3 validation questions of the "
                                "checkpoint's data set, with their thoughts decoded)")
     src.add_argument("--question", action="append", default=[], help="a question (repeatable)")
-    src.add_argument("--file", default=None, help="records in the data sets' JSON format")
+    src.add_argument("--file", default=None, help="records in the data sets' JSON format (steps may be left out)")
     src.add_argument("--split", default=None, choices=("train", "valid", "test"), help="a split of --dataset")
     src.add_argument("--dataset", default=None, help="data/<name>/<split>.json (default: the checkpoint's)")
     src.add_argument("--data_dir", default=None, help="default: the checkpoint's (data)")
@@ -81,9 +81,9 @@ def parse_args(argv=None):
                    help="continuous thoughts per question (default: what the checkpoint's stage uses); "
                         "several values with --eval or --paths give one row each")
     p.add_argument("--max_new_tokens", type=int, default=None, help="default: the checkpoint's (128; GSM8k 64)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=32, help="questions generated at once")
     p.add_argument("--show_thoughts", action="store_true", help="the top-k tokens each thought decodes to")
-    p.add_argument("--top_k", type=int, default=5)
+    p.add_argument("--top_k", type=int, default=5, help="with --show_thoughts: how many tokens per thought")
     what = p.add_argument_group("analyses (one at a time)")
     what.add_argument("--eval", action="store_true", help="accuracy, tokens and seconds per question over a split")
     what.add_argument("--analyze", action="store_true",
@@ -133,6 +133,11 @@ def load_model(args):
             candidates.append(os.path.join("out-demo", "coconut", "best.pt"))
     path = next((c for c in candidates if os.path.isfile(c)), None)
     if path is None:
+        last = [os.path.join(os.path.dirname(c), "ckpt.pt") for c in candidates if os.path.basename(c) == "best.pt"]
+        last = next((c for c in last if os.path.isfile(c)), None)
+        if last:  # a run stopped before its first validation accuracy: no best.pt yet, but its last save
+            raise FileNotFoundError(f"no best.pt yet (the run has not measured a validation accuracy), but {last} "
+                                    f"holds its last save: `python sample.py --ckpt {last}`")
         if args.ckpt or args.out_dir:
             raise FileNotFoundError(f"no model to answer with: {candidates[0]} does not exist")
         raise FileNotFoundError(f"no trained model yet ({' or '.join(candidates)}): make one with `python train.py "
@@ -163,7 +168,7 @@ def load_questions(args, cfg):
     if args.question:
         return [{"question": q, "steps": [], "answer": ""} for q in args.question], False
     if args.file is not None:
-        records = load_records(args.file)  # one-line errors for a malformed file
+        records = load_records(args.file, steps_optional=True)  # one-line errors for a malformed file
         if not records:
             raise ValueError(f"{args.file}: no records")
     else:
@@ -267,6 +272,13 @@ def analyze(model, tok, records, tokenized, cfg, stage, n_latent, args):
     for i, r in enumerate(records):
         analysis.check_graph(r, f"record {i}")
     prompts = [prompt(t, cfg, stage, tok, n_latent) for t in tokenized]
+    if n_latent is None and not any(tok.latent_id in p for p in prompts):
+        # a checkpoint saved before its stage had thoughts (a short run's best.pt at stage 0): the run's
+        # last stage has them all
+        last = cfg.get("max_latent_stage", 6) + 1
+        prompts = [prompt(t, cfg, last, tok) for t in tokenized]
+        print(f"note: stage {stage} feeds no continuous thoughts; analyzing with the run's final stage's "
+              f"{max(p.count(tok.latent_id) for p in prompts)} (--latent N chooses)")
     if tok.spec.get("kind") == "symbols":  # one token per node: the superposition paper's measures
         return superposition(model, tok, records, prompts, args)
     stats = defaultdict(list)

@@ -14,11 +14,11 @@ import requests
 
 
 def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
-    """Fetch url into dest (atomically) unless dest already exists. Returns dest."""
+    """Fetch url into dest (atomically) unless dest already exists. Returns dest. A failed download
+    leaves nothing behind: no part file, and none of the folders it made for dest."""
     if os.path.exists(dest):
         return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    tmp = dest + ".part"
+    tmp, made = dest + ".part", []
     try:
         # identity: the byte counts below are then the file's own (a gzipped body would be counted twice over)
         with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
@@ -27,6 +27,7 @@ def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
             # Content-Length is what the server promised; fall back on the caller's expectation.
             total = expected_size or (None if r.headers.get("Content-Encoding") else int(r.headers.get("Content-Length") or 0))
             done, t0, last = 0, time.time(), 0.0
+            made = make_dirs(os.path.dirname(os.path.abspath(dest)))  # only now: a refused request makes none
             with open(tmp, "wb") as f:
                 for chunk in r.iter_content(chunk_size):
                     f.write(chunk)
@@ -34,10 +35,9 @@ def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
                     if time.time() - last > 1.0:  # one progress line a second at most
                         last = time.time()
                         pct = f"{100 * done / total:5.1f}%" if total else ""
-                        print(f"\r{os.path.basename(dest)}: {done / 1e6:8.1f} MB {pct} "
-                              f"{done / 1e6 / max(last - t0, 1e-9):6.1f} MB/s", end="", file=sys.stderr)
-        if total:
-            print(file=sys.stderr)
+                        progress(f"{os.path.basename(dest)}: {done / 1e6:8.1f} MB {pct} "
+                                 f"{done / 1e6 / max(last - t0, 1e-9):6.1f} MB/s")
+        progress_done()
         promised = int(r.headers.get("Content-Length") or 0)
         if promised and r.raw.tell() != promised:  # bytes on the wire, compressed or not
             raise RuntimeError(f"download of {url} is incomplete: got {r.raw.tell()} bytes, expected {promised}")
@@ -50,6 +50,42 @@ def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not os.path.exists(dest):
+            for d in made:  # deepest first; a folder something else has put a file in stays
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+
+
+def make_dirs(path):
+    """os.makedirs(path), returning the folders it created, deepest first (to remove them again)."""
+    made = []
+    while path and not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    if made:
+        os.makedirs(made[0], exist_ok=True)
+    return made
+
+
+_PROGRESS = {"open": False}
+
+
+def progress(line):
+    """A progress line on stderr: rewritten in place on a terminal, one plain line each in a log file."""
+    if sys.stderr.isatty():
+        print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        _PROGRESS["open"] = True
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def progress_done():
+    """Ends a line that progress() has been rewriting on a terminal."""
+    if _PROGRESS["open"]:
+        print(file=sys.stderr)
+        _PROGRESS["open"] = False
 
 
 def save_json(records, path):

@@ -129,6 +129,9 @@ GOOD = {"question": "q?", "steps": ["a", "b"], "answer": "x"}
 
 @pytest.mark.parametrize("content, needles", [
     ('[{"question": "q",', ["not valid JSON", "line 1 column"]),
+    ('[{"question": "a\tb\n\n', ["not valid JSON: Invalid control character at line 1 column"]),  # one "at"
+    ("", ["the file is empty", "JSON list"]),
+    (" \n\n", ["the file is empty"]),
     ({"question": "q"}, ["expected a JSON list", "dict"]),
     ([GOOD, ["q", [], "a"]], ["record 1", "expected an object"]),
     ([GOOD, {"steps": [], "answer": "a"}], ["record 1", "'question'", "missing"]),
@@ -154,6 +157,11 @@ def test_load_records_missing_file_and_good_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such data file"):
         load_records(str(tmp_path / "nope.json"))
     assert load_records(_write(tmp_path, [GOOD, {**GOOD, "extra": 1}])) == [GOOD, {**GOOD, "extra": 1}]
+    # questions that only need an answer (sample.py --file): steps may be left out there
+    path = _write(tmp_path, [{"question": "q?", "answer": "x"}, GOOD])
+    with pytest.raises(ValueError, match="record 0: missing field 'steps'"):
+        load_records(path)
+    assert load_records(path, steps_optional=True) == [{"question": "q?", "steps": [], "answer": "x"}, GOOD]
 
 
 # ----------------------------------------------------------------------------- the modes, by hand

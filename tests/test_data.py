@@ -393,3 +393,17 @@ def test_bad_output_dir_and_unknown_option_are_clean_errors(module, tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("prepare.py: error:") or "error:" in err[-1], err
     assert a_file.read_text() == ""
+
+
+def test_progress_is_plain_lines_in_a_log(capsys, monkeypatch):
+    # stderr to a file or a pipe (a log): one line per update, no carriage return to run them together
+    from data.common import progress, progress_done
+    progress("train: 1000/3000")
+    progress("train: 2000/3000")
+    progress_done()
+    assert capsys.readouterr().err == "train: 1000/3000\ntrain: 2000/3000\n"
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)  # a terminal: rewritten in place, ended once
+    progress("a")
+    progress("b")
+    progress_done()
+    assert capsys.readouterr().err == "\ra\rb\n"

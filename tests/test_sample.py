@@ -325,6 +325,33 @@ def test_plot_alone_draws_the_whole_run(run_dir, tmp_path, monkeypatch, capsys):
     assert "not one JSON object per line" in capsys.readouterr().err
 
 
+def test_small_truths(run_dir, tmp_path, capsys):
+    # a run with ckpt.pt but no best.pt yet: the error names ckpt.pt and the command that uses it
+    d = tmp_path / "early"
+    d.mkdir()
+    (d / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes())
+    assert sample.main(["--out_dir", str(d), "--question", "Is Alex a fpus?"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"but {d / 'ckpt.pt'} holds its last save: " \
+        f"`python sample.py --ckpt {d / 'ckpt.pt'}`" in err, err
+    # --file: questions with answers and no steps
+    valid = json.load(open(run_dir.parent / "data" / "tiny" / "valid.json"))[:3]
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps([dict(question=r["question"], answer=r["answer"]) for r in valid]))
+    assert sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--file", str(f)]) == 0
+    assert "3 question(s)" in capsys.readouterr().out
+    # --analyze on a checkpoint of stage 0 (a short run's best.pt): the run's final number of thoughts, said
+    ck = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ck["stage"] = 0
+    torch.save(ck, tmp_path / "stage0.pt")
+    assert sample.main(["--ckpt", str(tmp_path / "stage0.pt"), "--analyze", "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "note: stage 0 feeds no continuous thoughts; analyzing with the run's final stage's 2 (--latent N" in out
+    assert re.search(r"^\s+2\s+4\s", out, re.M)  # a row for thought 2, over the 4 records
+    assert sample.main(["--ckpt", str(tmp_path / "stage0.pt"), "--analyze", "--n", "4", "--latent", "0"]) == 1
+    assert "no continuous thoughts to analyze" in capsys.readouterr().err  # asked for 0: still an error
+
+
 def test_the_first_look_uses_the_default_run(run_dir, tmp_path):
     # `python sample.py --latent 2` with no source: the default run's checkpoint (here the demo's folder),
     # the first 3 validation questions of its data set, their answers and decoded thoughts

@@ -411,6 +411,17 @@ def test_init_from_another_architecture_is_one_line(data_dir, tmp_path, capsys):
             assert "only GPT-2" in err
 
 
+def test_offline_gpt2_run_leaves_nothing_and_points_to_the_demo(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # refused at once, like a machine without network
+    monkeypatch.setenv("COCONUT_CACHE", str(tmp_path / "cache"))
+    assert train.main(["--dataset", "tiny", "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "out"),
+                       "--stage_epochs", "5", "--threads", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--init_from gpt2: download of" in err, err
+    assert err.endswith("on a CPU, the demo needs no download: `python train.py --demo`"), err
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.gpt2_bpe
 def test_init_from_safetensors_and_from_a_checkpoint(data_dir, tmp_path):
     folder = str(tmp_path / "hf")

@@ -29,7 +29,7 @@ import sys
 from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import download, make_out_dir, save_json  # noqa: E402
+from data.common import download, make_out_dir, progress, progress_done, save_json  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/facebookresearch/coconut/main/data"
 SPLITS = {"train": 17886, "valid": 300, "test": 500}  # the official sizes
@@ -293,9 +293,8 @@ def main(argv=None):
             except RuntimeError as e:
                 sys.exit(f"error: {e}")
             if n > 1000:
-                print(f"\r{split}: {len(records)}/{n}", end="", file=sys.stderr)
-        if n > 1000:
-            print(file=sys.stderr)
+                progress(f"{split}: {len(records)}/{n}")
+        progress_done()
         path = os.path.join(args.out_dir, f"{split}.json")
         save_json(records, path)
         every += records
