@@ -435,7 +435,7 @@ def real_records():
     """ProsQA's validation file and GSM8k-Aug's (converted as data/gsm8k/prepare.py does), where present."""
     out = {}
     if os.path.exists(PROSQA_VALID):
-        out["prosqa"] = C.load_records(PROSQA_VALID)
+        out["prosqa"] = load_records(PROSQA_VALID)
     if os.path.exists(GSM_VALID):
         import data.gsm8k.prepare as gsm8k
         out["gsm8k"] = gsm8k.convert_lines(gsm8k.read_lines(GSM_VALID))
@@ -469,9 +469,9 @@ def test_answer_rule_reads_an_answer_that_holds_a_hash():
     # a user's record whose answer holds '#': its own target "### C#" scores, which the official rule alone cuts
     recs = [{"question": "Which language?", "steps": ["It is C#."], "answer": "C#"},
             {"question": "Which tag?", "steps": ["Tags start with #."], "answer": "#coconut, #ai"}]
-    tok = C.compact_tokenizer(recs)
+    tok = compact_tokenizer(recs)
     for r in recs:
-        t = C.tokenize(r, tok)
+        t = tokenize(r, tok)
         for new in (t.answer, [i for s in t.steps for i in s] + t.answer):  # No-CoT's and CoT's targets
             assert C.is_correct(t.question, new, r["answer"], tok)
         assert not C.is_correct(t.question, tok.encode("### C"), r["answer"], tok)
