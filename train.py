@@ -123,9 +123,9 @@ def train(args):
                              epoch_loss=[state["epoch_loss"][0] + loss, state["epoch_loss"][1] + 1])
                 run_eta = meter.progress(state, loss, n_tokens, len(steps), args)
                 if run_eta is not None and not noted:  # the first progress line: right after the first step
-                    noted = True
-                    if slow_run_note(run_eta, device):
-                        log(slow_run_note(run_eta, device))
+                    noted, note = True, slow_run_note(run_eta, device)
+                    if note:
+                        log(note)
                 if stop or (args.save_every and state["step"] % args.save_every == 0):
                     saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved)
                 if stop:
