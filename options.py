@@ -6,11 +6,13 @@ import argparse
 import math
 import os
 
-from checkpoint import LATENT_MODES
+import torch
+
+from checkpoint import LATENT_MODES, checkpoint_arch, is_llama
 from curriculum import MODES
 from gpt import HUB_SIZES
 from icot import ICOT_GSM8K
-from presets import DATASET_DEFAULTS, GENERAL_DEFAULTS, GENERIC
+from presets import DATASET_DEFAULTS, GENERAL_DEFAULTS, GENERIC, LLAMA_DEFAULTS, LLAMA_GSM8K
 
 
 
@@ -46,9 +48,10 @@ def build_parser(doc):
                    help="remove the whole chain once the count reaches this (inf; GSM8k 39)")
     m = p.add_argument_group("model")
     m.add_argument("--init_from", default=None,
-                   help=f"{', '.join(HUB_SIZES)} (the default); a .safetensors file or a folder; a .pt checkpoint of "
-                        f"train.py; or 'scratch' (a new GPT of --n_layer/--n_head/--n_embd/--block_size; prosqa_graph's "
-                        f"default)")
+                   help=f"{', '.join(HUB_SIZES)} (the default); a .safetensors file or a folder; a Llama: a hub repo "
+                        f"such as meta-llama/Llama-3.2-1B or a folder whose config.json says llama (lr 1e-5, bfloat16 "
+                        f"on a GPU); a .pt checkpoint of train.py; or 'scratch' (a new GPT of --n_layer/--n_head/"
+                        f"--n_embd/--block_size; prosqa_graph's default)")
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         m.add_argument(f"--{k}", type=int, default=None, help=f"scratch only ({GENERAL_DEFAULTS[k]}; prosqa_graph "
                                                               f"{DATASET_DEFAULTS['prosqa_graph'][k]})")
@@ -94,6 +97,14 @@ def build_parser(doc):
 def check_args(p, args):
     if not args.dataset or os.sep in args.dataset or args.dataset.startswith("."):
         p.error(f"--dataset {args.dataset!r}: give a folder name under --data_dir")
+    if args.init_from and (is_llama(args.init_from) or checkpoint_arch(args.init_from) == "llama"):
+        gsm = LLAMA_GSM8K.get(args.mode, {}) if args.dataset == "gsm8k" else {}
+        for k, v in {**LLAMA_DEFAULTS, **gsm}.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        if "dtype" not in args.typed and gpu:
+            args.dtype = "bfloat16"  # the papers' 1B runs; fp32 compute would take about twice the time
     for k, v in {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, GENERIC)}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -23,3 +23,10 @@ DATASET_DEFAULTS = {
 GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", uniform_prob=0.0, n_layer=2,
                         n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64)
 DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
+# From a Llama (--init_from meta-llama/Llama-3.2-1B, a Llama folder, or a .pt of a Llama run): the recipe that
+# CODI (Shen et al. 2025, arXiv 2502.21074, appendix) reports for its Coconut baseline on LLaMA-3.2-1B and
+# GSM8k: lr 1e-5, 5 epochs of CoT, then 5 of Coconut (here: from the CoT checkpoint with --start_epoch 1,
+# one epoch per stage: stages 1, 2, 3, then two epochs at the all-latent stage). Under the data set's row;
+# options.check_args adds bfloat16 autocast on a GPU.
+LLAMA_DEFAULTS = dict(lr=1e-5)
+LLAMA_GSM8K = dict(cot=dict(epochs=5), coconut=dict(stage_epochs=1, epochs=6))
