@@ -264,6 +264,7 @@ class Llama(nn.Module):
 
 # Other model_types that people try (facebookresearch/coconut issues 11 and 13) and why this file does not run them
 OTHER_ARCHITECTURES = {
+    "gpt2": "GPT-2 loads from its name (gpt2 ... gpt2-xl) or a folder, through gpt.py",
     "qwen2": "Qwen2 adds biases to q_proj, k_proj and v_proj, which Llama has not",
     "qwen3": "Qwen3 normalizes q and k per head (q_norm, k_norm), which Llama does not",
     "mistral": "Mistral's sliding-window attention is not Llama's",
