@@ -509,6 +509,9 @@ def test_train_resume_and_sample_on_a_tiny_llama(tmp_path, capsys):
     metrics = [json.loads(line) for line in open(os.path.join(a, "metrics.jsonl"))]
     assert [m["stage"] for m in metrics] == [0, 1, 2] and metrics[-1]["train_loss"] < 0.6 * metrics[0]["train_loss"]
 
+    # from a Llama run's checkpoint (the GSM8k recipe's second run) the Llama defaults hold too
+    again = train.parse_args(["--init_from", os.path.join(a, "best.pt"), "--dataset", "gsm8k", "--start_epoch", "1"])
+    assert (again.lr, again.stage_epochs, again.epochs) == (1e-5, 1, 6)
     model, tok, ck = load_checkpoint(os.path.join(a, "ckpt.pt"))
     assert ck["arch"] == "llama" and ck["tokenizer"]["kind"] == "llama3" and isinstance(model.gpt, Llama)
     assert ck["model_args"]["vocab_size"] == tok.vocab_size and ck["config"]["dropout"] == 0.1
