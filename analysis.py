@@ -336,12 +336,13 @@ def edge_attention_by_group(probs_row, edge_spans, record, i):
 
 def attention_probs(gpt, inputs_embeds, position_ids=None, attention_mask=None):
     """
-    The softmax attention probabilities of every layer of gpt (gpt.GPT) on inputs_embeds (B, T, C),
-    from one uncached pass -> a list over layers of (B, n_head, T, T), row = query, column = key.
-    gpt's attention runs F.scaled_dot_product_attention, which returns no weights, so forward hooks on
-    each block's attn.c_attn recompute them from its output: q and k are its first two thirds,
-    scores q k^T / sqrt(head size), with the same mask gpt itself uses (causal; padding keys off when
-    attention_mask (B, T) is given). The hooks are removed afterwards, even on an error.
+    The softmax attention probabilities of every layer of gpt (gpt.GPT or llama.Llama) on inputs_embeds
+    (B, T, C), from one uncached pass -> a list over layers of (B, n_head, T, T), row = query, column = key.
+    The models' attention runs F.scaled_dot_product_attention, which returns no weights, so hooks recompute
+    them from each layer's q and k: GPT's are the first two thirds of attn.c_attn's output; Llama's come
+    from self_attn.rotated_qk on the layer's input (after RoPE), each key head repeated for the query heads
+    it serves. Scores q k^T / sqrt(head size), with the same mask the model itself uses (causal; padding
+    keys off when attention_mask (B, T) is given). The hooks are removed afterwards, even on an error.
     """
     B, T, C = inputs_embeds.shape
     mask = gpt._attention_mask(attention_mask, B, T, 0, inputs_embeds.device)  # (B|1, 1, T, T) or None
@@ -349,17 +350,26 @@ def attention_probs(gpt, inputs_embeds, position_ids=None, attention_mask=None):
         mask = torch.ones(T, T, dtype=torch.bool, device=inputs_embeds.device).tril()[None, None]  # causal
     probs, handles = [], []
 
-    def hook_for(n_head):
+    def keep(q, k):  # (B, nh, T, hs) each
+        att = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        probs.append(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1))
+
+    def gpt_hook(n_head):
         def hook(module, inputs, out):  # out (B, T, 3C): q, k, v side by side
             q, k = out[..., :C], out[..., C:2 * C]  # (B, T, C) each; v is not needed
-            q, k = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2).float() for t in (q, k))  # (B, nh, T, hs)
-            att = q @ k.transpose(-2, -1) / math.sqrt(C // n_head)  # (B, nh, T, T)
-            probs.append(F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1))
+            keep(*(t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in (q, k)))
         return hook
+
+    def llama_hook(module, args):  # args: the layer's (x, mask, past, rope)
+        q, k = module.rotated_qk(args[0], args[3])  # (B, nh, T, hd), (B, n_kv, T, hd)
+        keep(q, k.repeat_interleave(module.n_head // module.n_kv_head, dim=1))
 
     try:
         for block in gpt.transformer.h:  # blocks run in order, so probs[l] is layer l
-            handles.append(block.attn.c_attn.register_forward_hook(hook_for(block.attn.n_head)))
+            if hasattr(block, "self_attn"):
+                handles.append(block.self_attn.register_forward_pre_hook(llama_hook))
+            else:
+                handles.append(block.attn.c_attn.register_forward_hook(gpt_hook(block.attn.n_head)))
         with torch.no_grad():
             gpt(inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask,
                 with_logits=False)

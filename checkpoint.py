@@ -8,7 +8,8 @@ It holds only tensors, numbers, strings, lists, tuples and dicts: it loads with
 torch.load(weights_only=True), which never runs code from the file.
 
     format      CKPT_FORMAT
-    model       the GPT's state_dict;  model_args: its GPTConfig as a dict
+    model       the GPT's (or Llama's) state_dict;  model_args: its GPTConfig (LlamaConfig) as a dict
+    arch        "gpt2" or "llama" (absent in older checkpoints: gpt2)
     coconut     {"feedback": bool}: does <|latent|> feed hidden states back (False: pause as thought)
     tokenizer   tokenizer.Tokenizer.to_dict()
     config      the run's settings (train.py's flags, resolved)
@@ -16,13 +17,17 @@ torch.load(weights_only=True), which never runs code from the file.
     optimizer, rng  (ckpt.pt only, not best.pt): what an exact resume needs
 """
 import dataclasses
+import json
 import os
 
 import torch
 
 from coconut import Coconut
 from gpt import GPT, GPTConfig, HUB_SIZES
-from tokenizer import Tokenizer, compact_tokenizer, gpt2_tokenizer, looks_symbolic, symbol_tokenizer
+from llama import Llama, LlamaConfig, hub_folder
+from tokenizer import Tokenizer, compact_tokenizer, gpt2_tokenizer, llama3_tokenizer, looks_symbolic, symbol_tokenizer
+
+ARCHS = {"gpt2": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}  # a checkpoint's "arch" -> its classes
 
 # Modes whose sequences hold the three new tokens, so GPT-2's vocabulary grows by 3 (official run.py:
 # all but cot, no_thoughts and no_cot).
@@ -62,7 +67,8 @@ def save_atomic(obj, path):
 
 def checkpoint_body(model, tok, config, **progress):
     """What best.pt holds (ckpt.pt adds the optimizer and the random states)."""
-    return dict(format=CKPT_FORMAT, model=model.gpt.state_dict(), model_args=dataclasses.asdict(model.gpt.config),
+    arch = "llama" if isinstance(model.gpt, Llama) else "gpt2"
+    return dict(format=CKPT_FORMAT, arch=arch, model=model.gpt.state_dict(), model_args=dataclasses.asdict(model.gpt.config),
                 coconut=dict(feedback=model.feedback), tokenizer=tok.to_dict(), config=dict(config), **progress)
 
 
@@ -92,12 +98,27 @@ def gpt_from_checkpoint(ckpt, path, dropout=None):
     args = dict(ckpt["model_args"])
     if dropout is not None:
         args["dropout"] = dropout
+    if ckpt.get("arch", "gpt2") not in ARCHS:
+        raise ValueError(f"{path}: corrupt checkpoint (arch {ckpt.get('arch')!r}; expected {' or '.join(ARCHS)})")
+    model_class, config_class = ARCHS[ckpt.get("arch", "gpt2")]
     try:
-        gpt = GPT(GPTConfig(**args))
+        gpt = model_class(config_class(**args))
         gpt.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, AssertionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint (the weights do not fit the model: {first_line(e)})") from None
     return gpt
+
+
+def checkpoint_arch(path):
+    """The "arch" of a .pt checkpoint of train.py ("gpt2" or "llama"), or None for anything else. Memory-
+    mapped: the weights are not read."""
+    if not (path.endswith(".pt") and os.path.isfile(path)):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return ckpt.get("arch", "gpt2") if isinstance(ckpt, dict) else None
+    except Exception:  # read_checkpoint says later what is wrong with the file
+        return None
 
 
 def tokenizer_from_checkpoint(ckpt, path):
@@ -120,9 +141,9 @@ def load_checkpoint(path, device="cpu"):
 
 def init_model(args, train_records):
     """
-    A fresh run's GPT and tokenizer from args.init_from (train.py's flags: init_from, mode, dropout, and
-    for scratch n_layer, n_head, n_embd, block_size, tokenizer), with the three latent tokens added to
-    GPT-2's vocabulary when the mode needs them.
+    A fresh run's model (GPT or Llama) and tokenizer from args.init_from (train.py's flags: init_from, mode,
+    dropout, and for scratch n_layer, n_head, n_embd, block_size, tokenizer), with the three latent tokens
+    added to GPT-2's vocabulary when the mode needs them (on Llama they are reserved tokens, set to "<<").
     """
     src = args.init_from
     if src == "scratch":
@@ -133,6 +154,22 @@ def init_model(args, train_records):
     if src.endswith(".pt"):
         ckpt = read_checkpoint(src)
         gpt, tok = gpt_from_checkpoint(ckpt, src, args.dropout), tokenizer_from_checkpoint(ckpt, src)
+        if isinstance(gpt, Llama):
+            if args.mode in LATENT_MODES and ckpt["config"].get("mode") not in LATENT_MODES:
+                init_markers(gpt, tok)  # a CoT run never used the markers: they start now, as from the release
+            return gpt, tok
+    elif is_llama(src):
+        try:
+            folder = hub_folder(src)
+            gpt = Llama.from_pretrained(folder, dropout=args.dropout or 0.0)
+        except RuntimeError as e:  # a failed download
+            raise ValueError(f"--init_from {src}: {first_line(e)}") from None
+        tok = llama3_tokenizer(llama_tokenizer_path(folder))
+        if gpt.config.vocab_size != tok.vocab_size:
+            raise ValueError(f"{src}: a vocabulary of {gpt.config.vocab_size} tokens, but its tokenizer has {tok.vocab_size}")
+        if args.mode in LATENT_MODES:
+            init_markers(gpt, tok)
+        return gpt, tok
     elif src in HUB_SIZES or os.path.exists(src):
         try:
             gpt = GPT.from_pretrained(src, dropout=0.1 if args.dropout is None else args.dropout)
@@ -149,6 +186,36 @@ def init_model(args, train_records):
         copy = tok.encode(GPT2_COPY_FROM)
         gpt.grow_vocab(tok.vocab_size - gpt.config.vocab_size, copy_from=copy[0] if len(copy) == 1 else tok.eos_id)
     return gpt, tok
+
+
+def is_llama(src):
+    """Is --init_from a Llama: a hub repo id (owner/name, not a path here) or a folder whose config.json
+    names a model_type other than GPT-2's (llama.py then loads it, or names what else it is)."""
+    if os.path.isdir(src):
+        path = os.path.join(src, "config.json")
+        if not os.path.isfile(path):
+            return False
+        try:
+            with open(path) as f:
+                return json.load(f).get("model_type") not in (None, "gpt2")
+        except (ValueError, AttributeError):
+            return False  # gpt.py's loader says what is wrong with it
+    return src.count("/") == 1 and not os.path.exists(src) and src not in HUB_SIZES and not src.endswith(".pt")
+
+
+def llama_tokenizer_path(folder):
+    """Meta's tokenizer.model: the hub keeps it under original/, a folder of one's own may hold it at the top."""
+    for path in (os.path.join(folder, "tokenizer.model"), os.path.join(folder, "original", "tokenizer.model")):
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{folder}: no tokenizer.model (Llama 3's tiktoken rank file, in the hub repo's "
+                            f"original/ folder); copy it into the folder")
+
+
+def init_markers(gpt, tok):
+    # The official code starts Coconut's new tokens as copies of "<<"; on Llama they are reserved tokens
+    copy = tok.encode(GPT2_COPY_FROM)
+    gpt.copy_rows([tok.start_id, tok.end_id, tok.latent_id], copy[0] if len(copy) == 1 else tok.eos_id)
 
 
 def scratch_tokenizer(args, records):

@@ -6,11 +6,14 @@ import argparse
 import math
 import os
 
-from checkpoint import LATENT_MODES
+import torch
+
+from checkpoint import LATENT_MODES, checkpoint_arch, is_llama
 from curriculum import MODES
 from gpt import HUB_SIZES
 from icot import ICOT_GSM8K
-from presets import DATASET_DEFAULTS, GENERAL_DEFAULTS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH, SCRATCH, USER
+from presets import (DATASET_DEFAULTS, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K, MAX_SCRATCH_BATCH,
+                     MIN_STEPS_PER_EPOCH, SCRATCH, USER)
 
 
 
@@ -50,8 +53,10 @@ def build_parser(doc):
     m = p.add_argument_group("model")
     m.add_argument("--init_from", default=None,
                    help=f"gpt2 (the default: OpenAI's 124M weights, downloaded once), {', '.join(list(HUB_SIZES)[1:])}; "
-                        f"a .safetensors file or a folder; a .pt checkpoint of train.py; or 'scratch' (a new GPT of "
-                        f"--n_layer/--n_head/--n_embd/--block_size; the default of prosqa_graph and tiny)")
+                        f"a .safetensors file or a folder; a Llama: a hub repo such as meta-llama/Llama-3.2-1B or a "
+                        f"folder whose config.json says llama (lr 1e-5, bfloat16 on a GPU); a .pt checkpoint of train.py; "
+                        f"or 'scratch' (a new GPT of --n_layer/--n_head/--n_embd/--block_size; the default of "
+                        f"prosqa_graph, reach and tiny)")
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         m.add_argument(f"--{k}", type=int, default=None, help=f"scratch only ({GENERAL_DEFAULTS[k]}; prosqa_graph "
                                                               f"{DATASET_DEFAULTS['prosqa_graph'][k]})")
@@ -102,6 +107,14 @@ def build_parser(doc):
 def check_args(p, args):
     if not args.dataset or os.sep in args.dataset or args.dataset.startswith("."):
         p.error(f"--dataset {args.dataset!r}: give a folder name under --data_dir")
+    if args.init_from and (is_llama(args.init_from) or checkpoint_arch(args.init_from) == "llama"):
+        gsm = LLAMA_GSM8K.get(args.mode, {}) if args.dataset == "gsm8k" else {}
+        for k, v in {**LLAMA_DEFAULTS, **gsm}.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        if "dtype" not in args.typed and gpu:
+            args.dtype = "bfloat16"  # the papers' 1B runs; fp32 compute would take about twice the time
     user = args.dataset not in DATASET_DEFAULTS
     scratch = (args.init_from or GENERAL_DEFAULTS["init_from"]) == "scratch"
     defaults = {**GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(args.dataset, USER), **(SCRATCH if user and scratch else {})}

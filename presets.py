@@ -32,3 +32,10 @@ DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
 # 50 records one step per epoch, and the model learnt nothing.
 SCRATCH = dict(batch_size=None, grad_accum=1, lr=1e-3)
 MIN_STEPS_PER_EPOCH, MAX_SCRATCH_BATCH = 16, 64
+# From a Llama (--init_from meta-llama/Llama-3.2-1B, a Llama folder, or a .pt of a Llama run): the recipe that
+# CODI (Shen et al. 2025, arXiv 2502.21074, appendix) reports for its Coconut baseline on LLaMA-3.2-1B and
+# GSM8k: lr 1e-5, 5 epochs of CoT, then 5 of Coconut (here: from the CoT checkpoint with --start_epoch 1,
+# one epoch per stage: stages 1, 2, 3, then two epochs at the all-latent stage). Under the data set's row;
+# options.check_args adds bfloat16 autocast on a GPU.
+LLAMA_DEFAULTS = dict(lr=1e-5)
+LLAMA_GSM8K = dict(cot=dict(epochs=5), coconut=dict(stage_epochs=1, epochs=6))

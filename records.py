@@ -76,7 +76,7 @@ def _check_record(r, where):
 
 
 class Tokenized(NamedTuple):
-    question: List[int]     # encode(question + "\n")
+    question: List[int]     # encode(question + "\n"), after <|begin_of_text|> for Llama
     steps: List[List[int]]  # encode(step + "\n") for each step
     answer: List[int]       # encode("### " + answer) + [eos]
 
@@ -101,7 +101,8 @@ def graph_question(record, rng=None):
 def tokenize(record, tok=None):
     tok = tok or gpt2_tokenizer()
     q, *steps, a = (tok.encode(t) for t in _texts(record))
-    return Tokenized(q, steps, a + [tok.eos_id])
+    bos = [] if tok.bos_id is None else [tok.bos_id]  # Llama's <|begin_of_text|>
+    return Tokenized(bos + q, steps, a + [tok.eos_id])
 
 
 def check_length(examples, block_size, skip_long=False):

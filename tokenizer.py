@@ -5,9 +5,12 @@ The tokenizers: text <-> token ids, with the three tokens Coconut adds (<|start-
     gpt2_tokenizer()          GPT-2's BPE (tiktoken) + the three: the paper's, for a pretrained GPT-2
     compact_tokenizer(recs)   bytes + the data's frequent GPT-2 pieces: a small vocabulary for a model from scratch
     symbol_tokenizer(recs)    one token per whitespace-separated symbol, for data written in symbols
+    llama3_tokenizer(path)    Llama 3's BPE from its tokenizer.model; the three take reserved special tokens
 
 A checkpoint stores Tokenizer.to_dict() and rebuilds the same tokenizer with Tokenizer.from_dict().
 """
+import base64
+import binascii
 from collections import Counter
 from functools import lru_cache
 
@@ -24,12 +27,16 @@ GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s
 class Tokenizer:
     """A tiktoken Encoding plus the ids Coconut needs. Build it with gpt2_tokenizer() or compact_tokenizer()."""
 
-    def __init__(self, enc, spec):
+    def __init__(self, enc, spec, eos=EOS, bos=None):
         self.enc = enc
         self.spec = spec  # the plain dict from which from_dict() rebuilds this tokenizer
         self.eos_id, self.start_id, self.end_id, self.latent_id = (
-            enc.encode_single_token(t) for t in (EOS, START, END, LATENT))
-        self.special_ids = {self.eos_id, self.start_id, self.end_id, self.latent_id}
+            enc.encode_single_token(t) for t in (eos, START, END, LATENT))
+        # Llama starts every question with <|begin_of_text|> (the official code encodes the question with
+        # add_special_tokens=True); GPT-2 has no such token.
+        self.bos_id = None if bos is None else enc.encode_single_token(bos)
+        self.special_ids = {self.eos_id, self.start_id, self.end_id, self.latent_id} | (
+            set() if bos is None else {self.bos_id})
         self.vocab_size = enc.n_vocab
         self.pad_id = self.eos_id  # like the official code: <|endoftext|> pads
 
@@ -55,7 +62,9 @@ class Tokenizer:
             return _compact_from_words(d["words"], d["split"])
         if d.get("kind") == "symbols":
             return Tokenizer(Symbols(d["symbols"]), dict(d))
-        raise ValueError(f"unknown tokenizer kind {d.get('kind')!r} (expected 'gpt2', 'compact' or 'symbols')")
+        if d.get("kind") == "llama3":
+            return _llama3_from_ranks(d["ranks"], "checkpoint")
+        raise ValueError(f"unknown tokenizer kind {d.get('kind')!r} (expected 'gpt2', 'compact', 'symbols' or 'llama3')")
 
 
 @lru_cache(maxsize=1)
@@ -75,6 +84,52 @@ def gpt2_tokenizer():
 def _texts(record):
     # The strings a record is encoded as, in order; tokenize() and compact_tokenizer() share them.
     return [record["question"] + "\n"] + [s + "\n" for s in record["steps"]] + ["### " + record["answer"]]
+
+# Llama 3's tokenizer: tiktoken's BPE over Meta's rank file, Llama 3's pre-tokenizer pattern (numbers in
+# pieces of at most 3 digits, a letter run may take one leading non-letter), and 256 special tokens after
+# the 128000 ranks. The names are those of Hugging Face's Llama 3.1 / 3.2 tokenizer.json.
+LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                  "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(3, 256 - len(LLAMA3_SPECIAL) + 3)]
+# Coconut's markers take the first three reserved tokens after <|python_tag|> (ids 128011-128013; reserved
+# in Llama 3.0, 3.1 and 3.2 alike): the vocabulary, the embedding and lm_head keep their 128256 rows.
+LLAMA3_MARKERS = {11: START, 12: END, 13: LATENT}
+
+
+def llama3_tokenizer(path):
+    """Llama 3's tokenizer from its tokenizer.model (lines "<base64 of the token's bytes> <rank>"), with
+    <|end_of_text|> as eos and pad, <|begin_of_text|> before each question, and the markers on reserved
+    tokens. The checkpoint keeps the rank file's text, so that it loads without the original folder."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a tiktoken rank file (binary; Llama 1 and 2 ship a SentencePiece model, "
+                         f"which this project does not read)") from None
+    return _llama3_from_ranks(text, path)
+
+
+def _llama3_from_ranks(text, where):
+    ranks = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{where}: line {n} is not '<base64 token> <rank>': not a tiktoken rank file") from None
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(bytes([b]) not in ranks for b in range(256)):
+        raise ValueError(f"{where}: the ranks are not 0..{len(ranks) - 1} with every single byte among them")
+    n = len(ranks)
+    names = [LLAMA3_MARKERS.get(i, t) for i, t in enumerate(LLAMA3_SPECIAL)]
+    enc = tiktoken.Encoding(name="llama3-coconut", pat_str=LLAMA3_SPLIT, mergeable_ranks=ranks,
+                            special_tokens={t: n + i for i, t in enumerate(names)})
+    return Tokenizer(enc, {"kind": "llama3", "ranks": text}, eos="<|end_of_text|>", bos="<|begin_of_text|>")
+
 
 def compact_tokenizer(records, min_count=1):
     """

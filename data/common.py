@@ -13,15 +13,16 @@ import time
 import requests
 
 
-def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60):
+def download(url, dest, expected_size=None, chunk_size=1 << 20, timeout=60, headers=None):
     """Fetch url into dest (atomically) unless dest already exists. Returns dest. A failed download
-    leaves nothing behind: no part file, and none of the folders it made for dest."""
+    leaves nothing behind: no part file, and none of the folders it made for dest. headers: extra request
+    headers (a gated hub repo's Authorization)."""
     if os.path.exists(dest):
         return dest
     tmp, made = dest + ".part", []
     try:
         # identity: the byte counts below are then the file's own (a gzipped body would be counted twice over)
-        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity"}) as r:
+        with requests.get(url, stream=True, timeout=timeout, headers={"Accept-Encoding": "identity", **(headers or {})}) as r:
             if r.status_code != 200:
                 raise RuntimeError(f"download of {url} failed: HTTP {r.status_code}")
             # Content-Length is what the server promised; fall back on the caller's expectation.

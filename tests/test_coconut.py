@@ -4,13 +4,25 @@ import torch
 
 from coconut import Coconut
 from gpt import GPT, GPTConfig
+from llama import Llama, LlamaConfig
 
 V, EOS, START, END, LATENT = 60, 56, 57, 58, 59
+FAMILIES = ["gpt2", "llama"]  # Coconut is the same code on both
 
 
-def model(seed=0, feedback=True, eos=EOS):
+def model(seed=0, feedback=True, eos=EOS, family="gpt2"):
     torch.manual_seed(seed)
-    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96, vocab_size=V)).eval()
+    if family == "llama":  # grouped-query attention and Llama 3's RoPE scaling, both in use at these lengths
+        gpt = Llama(LlamaConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64, block_size=96,
+                                vocab_size=V, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                high_freq_factor=4.0,
+                                                                original_max_position_embeddings=16))).eval()
+        with torch.no_grad():  # Llama's init (std 0.02, no scaled embeddings) writes one token over and over:
+            for p in gpt.parameters():  # larger weights give generations that end at different lengths
+                if p.dim() == 2:
+                    p.mul_(8)
+    else:
+        gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=96, vocab_size=V)).eval()
     return Coconut(gpt, LATENT, START, END, eos, feedback=feedback)
 
 
@@ -52,9 +64,10 @@ def naive_logits(m, ids, mask, pos):
     return gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos)[0], emb
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n_thoughts", [[0, 0], [1, 1, 1], [6, 2, 0, 3], [3, 6]])
-def test_forward_equals_naive_reference(n_thoughts):
-    m = model()
+def test_forward_equals_naive_reference(n_thoughts, family):
+    m = model(family=family)
     ids, mask, labels, pos = batch(sequences(n_thoughts))
     with torch.no_grad():
         loss, logits = m(ids, mask, labels, pos, with_logits=True)
@@ -100,13 +113,14 @@ def test_answer_loss_reaches_every_thought_and_the_question():
     assert q_rows.abs().sum() > 0
 
 
-def test_chunked_cache_gives_the_same_loss_and_gradients_as_the_plain_one():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_cache_gives_the_same_loss_and_gradients_as_the_plain_one(family):
     # Training keeps the cache as chunks (no copy per thought) and scores only labelled positions:
     # against the concatenating cache with logits at every position, the same loss and gradients.
     ids, mask, labels, pos = batch(sequences([6, 2, 0, 4]))
     grads = []
     for chunked in (True, False):
-        m = model()
+        m = model(family=family)
         m.chunked_cache = chunked
         if chunked:
             loss, logits = m(ids, mask, labels, pos)
@@ -159,10 +173,11 @@ def naive_generate(m, question, max_new_tokens):
     return out
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("n_thoughts", [[3, 3, 3], [0, 2, 6, 1]])
-def test_batched_cached_generation_equals_one_at_a_time_uncached(n_thoughts):
+def test_batched_cached_generation_equals_one_at_a_time_uncached(n_thoughts, family):
     questions = sequences(n_thoughts, answer=False)
-    m = model()
+    m = model(family=family)
     with torch.no_grad():
         # make generation stop at different lengths: call "eos" a token some rows generate late or never
         for eos in sorted(set(sum((naive_generate(m, q, 12) for q in questions), []))):

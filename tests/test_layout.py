@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"train", "sample", "bench", "gpu_check"}  # run from the command line; nothing imports them
 # The data side, in reading order: a module here imports only the ones before it.
 DATA_SIDE = ["tokenizer", "records", "icot", "curriculum"]
-MODEL_SIDE = {"gpt", "coconut"}  # the model: knows token ids and vectors, nothing of the data
+MODEL_SIDE = {"gpt", "llama", "coconut"}  # the model: knows token ids and vectors, nothing of the data
 COCONUT_MAY_IMPORT = {"gpt"}
 # Beside the arrow (analysis, evaluate, plots, checkpoint) a module may import either side, but not a script.
 
