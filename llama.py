@@ -297,6 +297,10 @@ def config_from_json(path, dropout=0.0):
             raise ValueError(f"{path}: {k} is true; Llama's projections have no biases and llama.py has none")
     if c.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {c['hidden_act']!r}; Llama's SwiGLU uses silu")
+    missing = [k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+               if k not in c]
+    if missing:
+        raise ValueError(f"{path}: a Llama config without {', '.join(missing)}")
     n_head = c["num_attention_heads"]
     if c.get("head_dim") not in (None, c["hidden_size"] // n_head):
         raise ValueError(f"{path}: head_dim {c['head_dim']} is not hidden_size / num_attention_heads")

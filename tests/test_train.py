@@ -391,7 +391,11 @@ def test_init_from_another_architecture_is_one_line(data_dir, tmp_path, capsys):
     (llama / "config.json").write_text(json.dumps(dict(model_type="llama", hidden_size=64, num_hidden_layers=2,
                                                        architectures=["LlamaForCausalLM"])))
     (llama / "model-00001-of-00002.safetensors").write_bytes(b"")  # sharded weights: the config speaks first
-    cases = {"llama": ["model_type 'llama' is not supported", "only GPT-2"]}
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps(dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"])))
+    # a Llama config that lacks sizes, and an architecture that neither gpt.py nor llama.py implements
+    cases = {"llama": ["a Llama config without", "num_attention_heads"], "qwen": ["model_type 'qwen2'"]}
     for name, cfg, words in (("missing", dict(n_layer=1, n_head=2), ["n_embd missing"]),
                              ("misspelled", dict(n_layers=1, n_head=2, n_embd=32), ["n_layer missing"]),
                              ("wrong", dict(n_layer="1", n_head=2, n_embd=32, model_type="gpt2"), ["n_layer"]),
