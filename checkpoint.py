@@ -26,7 +26,7 @@ from tokenizer import Tokenizer, compact_tokenizer, gpt2_tokenizer, looks_symbol
 
 # Modes whose sequences hold the three new tokens, so GPT-2's vocabulary grows by 3 (official run.py:
 # all but cot, no_thoughts and no_cot).
-LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause")
+LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause", "frontier")
 GPT2_COPY_FROM = "<<"  # the new rows start as copies of this token's row (id 16791), as in the official code
 
 CKPT_FORMAT = "coconut-train/1"

@@ -40,7 +40,7 @@ from options import build_parser, check_args
 from presets import DEMO
 from records import graph_question, load_split, tokenize
 
-FEEDBACK_MODES = ("coconut", "no_curriculum")  # the modes that feed hidden states back as thoughts
+FEEDBACK_MODES = ("coconut", "no_curriculum", "frontier")  # the modes that feed hidden states back as thoughts
 
 # What a resumed run may change; a different value of anything else would make it another run.
 RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threads", "save_every", "log_every",
@@ -154,7 +154,8 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
     """The epoch's line of metrics.jsonl: validation loss at its stage and, when due, accuracy by generation."""
     t0 = time.time()
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                              bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long)
+                              bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long,
+                              bool(args.markers))
     m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
              train_loss=state["epoch_loss"][0] / max(state["epoch_loss"][1], 1),
              val_loss=validation_loss(model, examples, args, tok, device, autocast))
@@ -194,7 +195,7 @@ def validation_loss(model, examples, args, tok, device, autocast):
 def validation_accuracy(model, tok, tokenized, answers, stage, args, autocast):
     """Greedy answers to the stage's prompts (this process's share), scored by the official rule."""
     prompts = [make_question(t, stage, args.mode, args.c_thought, args.max_latent_stage,
-                             bool(args.pad_latent_to_max), tok) for t in tokenized]
+                             bool(args.pad_latent_to_max), tok, bool(args.markers)) for t in tokenized]
     idx = list(range(RANK, len(prompts), WORLD))
     t0, last = time.time(), [time.time()]
 
@@ -234,7 +235,8 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
     if args.shuffle_graph:
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long)
+                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long,
+                              bool(args.markers))
     return examples, plan_steps(len(examples), epoch, args), stage, set()
 
 
