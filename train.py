@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -498,6 +499,7 @@ def gather(obj):
 def parse_args(argv=None):
     p = build_parser(__doc__)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --demo's stop message repeats
     # argparse cannot tell a typed value from a default: parse again with every default suppressed.
     q = build_parser(__doc__)
     for a in q._actions:
@@ -532,8 +534,8 @@ def run_demo(args):
     for mode in DEMO_METHODS:
         a = argparse.Namespace(**vars(args))
         a.mode, a.out_dir = mode, os.path.join(args.out_dir, mode)
-        a.continue_with = "python train.py --demo --resume" + ("" if args.out_dir == DEMO["out_dir"] else
-                                                               f" --out_dir {args.out_dir}")
+        # the whole command again: the methods not started yet take their settings from it
+        a.continue_with = shlex.join(["python", "train.py"] + [x for x in args.argv if x != "--resume"] + ["--resume"])
         a.resume = args.resume and os.path.exists(os.path.join(a.out_dir, "ckpt.pt"))  # else start it afresh
         a.overwrite = not a.resume
         if "reset_optimizer" not in args.typed:

@@ -58,7 +58,7 @@ def reachable(children, start):
     return dist
 
 
-def make_record(rng, names, roads, depth, width, p_open, max_tries=1000):
+def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tries=1000):
     """One question: the open roads, a start, an option reachable from it and one reachable only from another
     start (so both have a full chain of open roads behind them)."""
     last = range(depth * width, (depth + 1) * width)
@@ -69,11 +69,15 @@ def make_record(rng, names, roads, depth, width, p_open, max_tries=1000):
         others = set().union(*(reachable(children, s) for s in range(width) if s != start))
         targets = [v for v in last if v in mine]
         negatives = [v for v in last if v in others and v not in mine]
+        # a chain of thought must choose among the start's roads before it sees where they lead: keep the
+        # questions in which some road from the start cannot reach the target
         if targets and negatives and len(children[start]) >= 2:
-            break
+            target = rng.choice(targets)
+            if not all(target in reachable(children, c) for c in children[start]):
+                break
     else:
         raise ValueError("no question found: raise --open or --children")
-    target, neg = rng.choice(targets), rng.choice(negatives)
+    neg = rng.choice(negatives)
     path = [target]  # back from the target through random parents reachable from the start: one hop a layer
     while path[-1] != start:
         path.append(rng.choice([v for v in mine if path[-1] in children[v]]))
@@ -83,7 +87,9 @@ def make_record(rng, names, roads, depth, width, p_open, max_tries=1000):
     rng.shuffle(options)
     question = (" ".join(f"{names[v]}>{names[c]}" for v, c in edges) +
                 f" [Q] {names[options[0]]} {names[options[1]]} [R] {names[start]}")
-    return dict(question=question, steps=[names[v] for v in path[::-1][1:]], answer=names[target],
+    walk = [names[v] for v in path[::-1][1:]]
+    steps = [" ".join(walk[i:i + hops_per_step]) for i in range(0, len(walk), hops_per_step)]
+    return dict(question=question, steps=steps, answer=names[target],
                 idx_to_symbol=names, edges=edges, root=start, target=target, neg_target=neg)
 
 
@@ -94,6 +100,8 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=6, help="nodes per layer (6)")
     p.add_argument("--children", type=int, default=3, help="possible children of every node (3)")
     p.add_argument("--open", type=float, default=0.5, help="probability that a road is open in a question (0.5)")
+    p.add_argument("--hops_per_step", type=int, default=1, help="nodes of the path in one step of the chain of "
+                                                                  "thought, which one continuous thought replaces (1)")
     p.add_argument("--n_train", type=int, default=30000)
     p.add_argument("--n_valid", type=int, default=500)
     p.add_argument("--n_test", type=int, default=500)
@@ -101,6 +109,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (1 <= args.depth <= 25 and 2 <= args.width and 1 <= args.children <= args.width):
         p.error("need 1 <= --depth <= 25, --width >= 2 and 1 <= --children <= --width")
+    if args.hops_per_step < 1:
+        p.error("--hops_per_step must be at least 1")
     if not 0 < args.open <= 1:
         p.error("--open must be in (0, 1]")
     make_out_dir(p, args.out_dir)
@@ -111,7 +121,7 @@ def main(argv=None):
         out = []
         while len(out) < getattr(args, f"n_{split}"):
             try:
-                r = make_record(rng, names, roads, args.depth, args.width, args.open)
+                r = make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step)
             except ValueError as e:
                 print(f"prepare.py: error: {e}", file=sys.stderr)
                 return 1
