@@ -58,6 +58,52 @@ def reachable(children, start):
     return dist
 
 
+def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_per_step=1, max_tries=1000):
+    """
+    One question whose open roads form separate branches: the start opens n_branches of its roads, and each
+    branch grows down the world's roads into nodes that no other branch holds, so branches never meet. The
+    target ends one branch; another start grows branches of its own, and the negative ends one of them. A
+    chain of thought must pick the start's branch before it can see which one reaches an option; from a
+    wrong branch nothing reaches either option.
+    """
+    for _ in range(max_tries):
+        start, other = rng.sample(range(width), 2)
+        owner, children = {}, [[] for _ in names]
+        ok = True
+        for root, k in ((start, n_branches), (other, rng.randint(1, n_branches))):
+            if len(roads[root]) < k:
+                ok = False
+                break
+            for b, first in enumerate(rng.sample(roads[root], k)):
+                if first in owner:
+                    continue
+                owner[first] = (root, b)
+                children[root].append(first)
+                layer = [first]
+                while layer:
+                    nxt = []
+                    for v in layer:
+                        free = [c for c in roads[v] if c not in owner]
+                        for c in rng.sample(free, min(len(free), rng.randint(1, 2))):
+                            owner[c] = (root, b)
+                            children[v].append(c)
+                            nxt.append(c)
+                    layer = nxt
+        last = range(depth * width, (depth + 1) * width)
+        mine, theirs = reachable(children, start), reachable(children, other)
+        targets = [v for v in last if v in mine]
+        negatives = [v for v in last if v in theirs]
+        # every branch of the start reaches the last layer: which one reaches the target is not told by
+        # where the others stop
+        full = all(any(v in last for v in reachable(children, c)) for c in children[start])
+        if ok and targets and negatives and len(children[start]) == n_branches and full:
+            break
+    else:
+        raise ValueError("no question found: fewer --branches or a wider world")
+    target, neg = rng.choice(targets), rng.choice(negatives)
+    return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
+
+
 def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tries=1000):
     """One question: the open roads, a start, an option reachable from it and one reachable only from another
     start (so both have a full chain of open roads behind them)."""
@@ -78,6 +124,11 @@ def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tr
     else:
         raise ValueError("no question found: raise --open or --children")
     neg = rng.choice(negatives)
+    return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
+
+
+def finish_record(rng, names, children, start, mine, target, neg, hops_per_step):
+    """The record of a question: its open roads in random order, one open path to the target as the steps."""
     path = [target]  # back from the target through random parents reachable from the start: one hop a layer
     while path[-1] != start:
         path.append(rng.choice([v for v in mine if path[-1] in children[v]]))
@@ -96,10 +147,12 @@ def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tr
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
-    p.add_argument("--depth", type=int, default=4, help="hops from the start to the options (4)")
-    p.add_argument("--width", type=int, default=6, help="nodes per layer (6)")
+    p.add_argument("--depth", type=int, default=5, help="hops from the start to the options (5)")
+    p.add_argument("--width", type=int, default=8, help="nodes per layer (8)")
     p.add_argument("--children", type=int, default=3, help="possible children of every node (3)")
     p.add_argument("--open", type=float, default=0.5, help="probability that a road is open in a question (0.5)")
+    p.add_argument("--branches", type=int, default=3, help="the open roads form this many separate branches from the "
+                                                              "start (make_branching_record); 0: roads open at random")
     p.add_argument("--hops_per_step", type=int, default=1, help="nodes of the path in one step of the chain of "
                                                                   "thought, which one continuous thought replaces (1)")
     p.add_argument("--n_train", type=int, default=30000)
@@ -121,7 +174,9 @@ def main(argv=None):
         out = []
         while len(out) < getattr(args, f"n_{split}"):
             try:
-                r = make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step)
+                r = (make_branching_record(rng, names, roads, args.depth, args.width, args.branches, args.hops_per_step)
+                     if args.branches else
+                     make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step))
             except ValueError as e:
                 print(f"prepare.py: error: {e}", file=sys.stderr)
                 return 1
