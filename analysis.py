@@ -276,15 +276,17 @@ def _one_token(tok, symbol):
 
 def edge_columns(question_ids, record, tok):
     """
-    The columns that write each edge in a tokenized symbolic question "a b | c d | ... [Q] x y [R] r"
+    The columns that write each edge in a tokenized symbolic question: "a b | c d | ... [Q] x y [R] r"
     (records.graph_question, edges possibly shuffled; anything before the first edge, such as a
-    leading <eos>, is allowed). -> a list over e of record["edges"]: [column of a, column of b].
+    leading <eos>, is allowed), or one token per edge, "a>b c>d ... [Q] x y [R] r" (data/reach).
+    -> a list over e of record["edges"]: [first column, last column] of the tokens that write it.
     Edges are matched by reading the tokens back, never by assuming the record's order.
     (The authors' notebook also counts the "|" after an edge and leaves the last edge out; here an
-    edge is exactly its two symbols.)
+    edge is exactly its symbols.)
     """
+    names = record["idx_to_symbol"]
     node = {t: v for v, t in enumerate(node_token_ids(record, tok))}
-    bar, q = _one_token(tok, "|"), _one_token(tok, "[Q]")
+    q = _one_token(tok, "[Q]")
     ids = [int(t) for t in question_ids]
     if q not in ids:
         raise ValueError("edge_columns: no [Q] in the question")
@@ -292,12 +294,24 @@ def edge_columns(question_ids, record, tok):
     for e, (a, b) in enumerate(record["edges"]):
         where[(a, b)].append(e)
     cols = [None] * len(record["edges"])
-    ends = [p for p in range(ids.index(q)) if ids[p + 1] in (bar, q)]  # the column of each edge's "b"
-    for p in ends:
-        a, b = node.get(ids[p - 1]) if p >= 1 else None, node.get(ids[p])
+    one_token = {}  # the id of "a>b" for each edge written as one token
+    for a, b in where:
+        try:
+            t = tok.encode(f"{names[a]}>{names[b]}")
+        except ValueError:  # a symbol vocabulary without it: the edges are written in two tokens
+            continue
+        if len(t) == 1:
+            one_token[t[0]] = (a, b)
+    if any(t in one_token for t in ids):
+        spans = [(p, p, one_token[ids[p]]) for p in range(ids.index(q)) if ids[p] in one_token]
+    else:
+        bar = _one_token(tok, "|")
+        ends = [p for p in range(ids.index(q)) if ids[p + 1] in (bar, q)]  # the column of each edge's "b"
+        spans = [(p - 1, p, (node.get(ids[p - 1]) if p >= 1 else None, node.get(ids[p]))) for p in ends]
+    for first, last, (a, b) in spans:
         if a is None or b is None or not where[(a, b)]:
-            raise ValueError(f"edge_columns: columns {p - 1}, {p} do not write an edge of the record")
-        cols[where[(a, b)].pop(0)] = [p - 1, p]
+            raise ValueError(f"edge_columns: columns {first}, {last} do not write an edge of the record")
+        cols[where[(a, b)].pop(0)] = [first, last]
     if None in cols:
         raise ValueError(f"edge_columns: edge {record['edges'][cols.index(None)]} is not in the question")
     return cols
@@ -396,7 +410,8 @@ def filled_embeddings(gpt, input_ids, thoughts, latent_id):
 def superposition_tables(model, tok, records, prompts, batch_size=32, thoughts=None):
     """
     The two tables of Zhu et al. (2025) for a Coconut model on symbolic ProsQA. prompts: per record,
-    the question + <|start-latent|> + L x <|latent|> + <|end-latent|> (curriculum.prompt).
+    the question + <|start-latent|> + L x <|latent|> + <|end-latent|>, or with bare thoughts the question +
+    L x <|latent|> (curriculum.prompt).
     thoughts: the (n, C) thoughts per prompt if already computed (evaluate.generate_batched), else run.
     -> dict(inner={i: {group: (mean, records)}}: <thought i, node embedding> by node group;
             attention=[per layer {i: {group: (mean, records)}}]: attention mass of the query that computes
@@ -423,7 +438,9 @@ def superposition_tables(model, tok, records, prompts, batch_size=32, thoughts=N
                 inner.append(group_means(thought_node_products(th, wte[node_token_ids(rec, tok)]).tolist(), rec))
                 left = int(b["attention_mask"][r].argmax())  # this row's left padding
                 spans = [[left + c for c in cols] for cols in edge_columns(prompts[j], rec, tok)]
-                start = left + list(prompts[j]).index(model.start_id)  # the query for thought 1
+                # the query for thought 1: the column before the first latent (<|start-latent|>, or the
+                # question's last token when the thoughts are bare)
+                start = left + list(prompts[j]).index(model.latent_id) - 1
                 for layer, p in enumerate(probs):  # p: (B, nh, T, T)
                     attention[layer].append({i: edge_attention_by_group(p[r, :, start + i - 1].sum(0).cpu(),
                                                                         spans, rec, i)

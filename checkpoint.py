@@ -31,7 +31,7 @@ ARCHS = {"gpt2": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}  # a checkpoin
 
 # Modes whose sequences hold the three new tokens, so GPT-2's vocabulary grows by 3 (official run.py:
 # all but cot, no_thoughts and no_cot).
-LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause")
+LATENT_MODES = ("coconut", "pause_as_thought", "no_curriculum", "pause", "frontier")
 GPT2_COPY_FROM = "<<"  # the new rows start as copies of this token's row (id 16791), as in the official code
 
 CKPT_FORMAT = "coconut-train/1"

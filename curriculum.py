@@ -41,7 +41,10 @@ from tokenizer import gpt2_tokenizer
 #   pause             "pause token": question + M*c pause tokens (<|latent|>) + answer, no steps, no markers
 #   icot              iCoT (Deng et al. 2024): the chain's first tokens removed, a growing number per step;
 #                     its "stage" is that number (icot.py)
-MODES = ("coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause", "icot")
+#   frontier          the curriculum of "Reasoning by Superposition" (graph records): at stage k < n the
+#                     question, k thoughts (bare, no markers) and one node k+1 hops along a shortest path
+#                     to the target; at stage n and after, n thoughts and the answer (n: the hops, at most M)
+MODES = ("coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause", "icot", "frontier")
 CURRICULUM_MODES = ("coconut", "no_thought", "pause_as_thought")  # those whose data follow the stage
 
 
@@ -69,18 +72,23 @@ def removed_steps(stage, n_steps, max_latent_stage, pad_latent_to_max):
 
 
 def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage=6,
-                 pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None):
+                 pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None, markers=True):
     """
     One training sequence: {"input_ids": [...], "labels": [...]} with -100 on the question, the
     markers and the latents. With uniform_prob p (curriculum modes only), a record trains at a stage
     drawn uniformly from 0..len(steps) with probability p: like the official code, one rng.random()
     per record and a choice() only when it fires (rng defaults to the random module itself).
+    markers=False leaves out <start> and <end> around the thoughts (as "Reasoning by Superposition"
+    does): then thought 1 is the hidden state of the question's last token, the one that at stage 0
+    was trained to name the first step.
     """
     _check_mode(mode)
     if mode == "icot":
         return make_icot_example(tokenized, stage)
+    if mode == "frontier":
+        return make_frontier_example(tokenized, stage, max_latent_stage, uniform_prob, rng, tok)
     tok = tok or gpt2_tokenizer()
-    q, steps, a = tokenized
+    q, steps, a = tokenized[:3]  # a Tokenized, or any (question, steps, answer)
     M, c = max_latent_stage, c_thought
     if mode in CURRICULUM_MODES and uniform_prob > 0:
         rng = rng or random
@@ -101,18 +109,49 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
         if mode == "no_thought":
             thought = []  # the steps are removed but nothing takes their place
         else:
-            thought = [tok.start_id] + [tok.latent_id] * (n * c) + [tok.end_id]
+            thought = [tok.latent_id] * (n * c)
+            if markers:
+                thought = [tok.start_id] + thought + [tok.end_id]
 
     rest = [t for s in kept for t in s] + a  # the language the loss is on
     return {"input_ids": q + thought + rest, "labels": [-100] * (len(q) + len(thought)) + rest}
 
 
+def make_frontier_example(tokenized, stage, max_latent_stage=6, uniform_prob=0.0, rng=None, tok=None):
+    """
+    The frontier curriculum of "Reasoning by Superposition" (Zhu et al. 2025, Section 5; the authors'
+    dataset.py): every thought gets a signal of its own. With n = min(hops to the target, M) thoughts in
+    the end, stage k < n trains the question + k thoughts to name one node k+1 hops from the root on a
+    shortest path to the target, drawn at random among them: a model that cannot yet tell which branch
+    leads there lowers its loss by spreading its guess over the whole frontier. Stage n and later train
+    the question + n thoughts + the answer. The loss is on that continuation alone; the thoughts carry no
+    markers. With uniform_prob p a record trains at a stage drawn from 0..min(stage, n) instead.
+    Raises ValueError for a record without graph fields (Tokenized.hops).
+    """
+    tok = tok or gpt2_tokenizer()
+    if not tokenized.hops:
+        raise ValueError("the frontier mode needs graph records (idx_to_symbol, edges, root, target) whose "
+                         "target is reachable from the root")
+    rng = rng or random
+    n = min(len(tokenized.hops), max_latent_stage)
+    k = min(stage, n)
+    if uniform_prob > 0 and rng.random() < uniform_prob:
+        k = rng.randint(0, k)
+    rest = rng.choice(tokenized.hops[k]) if k < n else tokenized.answer
+    thoughts = [tok.latent_id] * k
+    return {"input_ids": tokenized.question + thoughts + rest,
+            "labels": [-100] * (len(tokenized.question) + k) + rest}
+
+
 def make_question(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage=6,
-                  pad_latent_to_max=True, tok=None):
-    """The prompt to generate from at a stage: question + <start> + k*c latents + <end>, k = min(M, stage)."""
+                  pad_latent_to_max=True, tok=None, markers=True):
+    """The prompt to generate from at a stage: question + <start> + k*c latents + <end>, k = min(M, stage)
+    (frontier: question + n latents at every stage, since only the last stage answers)."""
     _check_mode(mode)
     tok = tok or gpt2_tokenizer()
-    q, steps, _ = tokenized
+    q, steps = tokenized[:2]
+    if mode == "frontier":
+        return q + [tok.latent_id] * min(len(tokenized.hops or steps), max_latent_stage)
     M, c = max_latent_stage, c_thought
     if mode in ("cot", "nocot", "no_thought", "icot"):
         return list(q)  # no markers, no thoughts: the model writes its steps (or not) itself
@@ -121,12 +160,14 @@ def make_question(tokenized, stage, mode="coconut", c_thought=1, max_latent_stag
     if mode == "no_curriculum":
         stage = M + 1
     k = min(M, stage) if pad_latent_to_max else min(M, len(steps), stage)
+    if not markers:
+        return q + [tok.latent_id] * (k * c)
     return q + [tok.start_id] + [tok.latent_id] * (k * c) + [tok.end_id]
 
 
 # Prompt shapes by training mode (MODES): which carry the markers, which carry bare pauses.
 MARKED = ("coconut", "pause_as_thought", "no_curriculum")  # question <start> N x <latent> <end>
-PAUSED = ("pause",)                                        # question N x <latent>, no markers
+PAUSED = ("pause", "frontier")                             # question N x <latent>, no markers
 PLAIN = ("cot", "nocot", "no_thought", "icot")             # the question alone: no thoughts at all
 
 
@@ -146,13 +187,13 @@ def prompt(tokenized, cfg, stage, tok, n_latent=None):
     mode = cfg.get("mode", "coconut")
     if n_latent is None:
         return make_question(tokenized, stage, mode, cfg.get("c_thought", 1), cfg.get("max_latent_stage", 6),
-                             cfg.get("pad_latent_to_max", True), tok)
+                             cfg.get("pad_latent_to_max", True), tok, bool(cfg.get("markers", 1)))
     q = list(tokenized.question)
     if mode in PLAIN:
         if n_latent:
             raise ValueError(f"a {mode} model has no continuous thoughts: --latent can only be 0")
         return q
-    if mode in PAUSED:
+    if mode in PAUSED or (mode in MARKED and not cfg.get("markers", 1)):
         return q + [tok.latent_id] * n_latent
     if mode in MARKED:
         return q + [tok.start_id] + [tok.latent_id] * n_latent + [tok.end_id]
@@ -180,10 +221,10 @@ def is_correct(prompt_ids, new_ids, answer, tok):
 
 def build_examples(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage=6,
                    pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None,
-                   block_size=None, skip_long=False):
+                   block_size=None, skip_long=False, markers=True):
     """make_example over a data set (in order, so a seeded rng draws the official stages), length-checked."""
     examples = [make_example(t, stage, mode, c_thought, max_latent_stage, pad_latent_to_max,
-                             uniform_prob, rng, tok) for t in tokenized]
+                             uniform_prob, rng, tok, markers) for t in tokenized]
     if block_size is not None:
         examples = [examples[i] for i in check_length(examples, block_size, skip_long)]
     return examples

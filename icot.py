@@ -114,7 +114,7 @@ def make_icot_example(tokenized, n_remove, tok=None):
     """
     if n_remove < 0:
         raise ValueError(f"n_remove must be >= 0, got {n_remove}")
-    q, steps, a = tokenized
+    q, steps, a = tokenized[:3]  # a Tokenized, or any (question, steps, answer)
     chain = [t for s in steps for t in s]
     kept = chain[int(n_remove):] if n_remove < len(chain) else []
     rest = kept + a

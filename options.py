@@ -37,6 +37,9 @@ def build_parser(doc):
     d.add_argument("--pad_latent_to_max", type=int, default=1, choices=(0, 1),
                    help="past the last stage: 1 gives every question max_latent_stage x c thoughts (official), "
                         "0 as many as its steps")
+    d.add_argument("--markers", type=int, default=None, choices=(0, 1),
+                   help="1: <|start-latent|> and <|end-latent|> around the thoughts (the paper; the default); 0: bare "
+                        "thoughts, as in 'Reasoning by Superposition' (reach, the demo's data)")
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
     d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "

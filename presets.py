@@ -1,6 +1,6 @@
 """
 train.py's settings per data set, as plain data: the paper's (official args/*.yaml), the superposition
-paper's for prosqa_graph, the CPU demo's for tiny. options.check_args fills every flag left unset from
+paper's for prosqa_graph, the CPU demo's for reach (the first demo's for tiny). options.check_args fills every flag left unset from
 them: first GENERAL_DEFAULTS, then the data set's row (USER for a folder of the user's, and SCRATCH on top
 when it trains from scratch). None: settled from the data when the run has loaded it (train.settle_from_data).
 """
@@ -19,14 +19,21 @@ DATASET_DEFAULTS = {
                          uniform_prob=0.1, init_from="scratch", n_layer=2, n_head=8, n_embd=768, block_size=512,
                          dropout=0.1, batch_size=256, grad_accum=1, tokenizer="symbols", shuffle_graph=1,
                          eval_batch_size=256),
-    # tiny: the CPU demo's small world (data/tiny/prepare.py); a 2-layer model from scratch, a larger lr
+    # reach: the CPU demo's graph search (data/reach/prepare.py; docs/search.md tells how it was found): a
+    # 2-layer, 4-head, 128-wide GPT from scratch, bare thoughts, one epoch a stage, three at the last one
+    "reach": dict(c_thought=1, max_latent_stage=5, stage_epochs=1, epochs=8, max_new_tokens=10, init_from="scratch",
+                  n_layer=2, n_head=4, n_embd=128, block_size=128, tokenizer="symbols", markers=0, batch_size=64,
+                  grad_accum=1, lr=1e-3, eval_batch_size=250),
+    # tiny: the first CPU demo's small world (data/tiny/prepare.py); a 2-layer model from scratch, a larger lr
     "tiny": dict(c_thought=1, max_latent_stage=4, stage_epochs=1, epochs=8, max_new_tokens=48,
                  batch_size=64, grad_accum=1, lr=1e-3),
 }
 # Elsewhere the paper's: AdamW lr 1e-4, 32 sequences x 4 GPUs = 128 per optimizer step, GPT-2 124M.
 GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", uniform_prob=0.0, n_layer=2,
-                        n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64)
-DEMO = dict(dataset="tiny", init_from="scratch", out_dir="out-demo")
+                        n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64,
+                        markers=1)
+DEMO = dict(dataset="reach", init_from="scratch", out_dir="out-demo")
+DEMO_METHODS = ("coconut", "cot", "nocot")  # trained in turn, the same model for the same optimizer steps
 # A user's data set from scratch learns like the demo (lr 1e-3, no accumulation), in a batch that gives
 # every epoch at least MIN_STEPS_PER_EPOCH optimizer steps (None): the paper's 32 x 4 with lr 1e-4 gave
 # 50 records one step per epoch, and the model learnt nothing.

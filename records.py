@@ -10,7 +10,7 @@ every stage. check_length guards the model's block_size.
 """
 import json
 import os
-from typing import List, NamedTuple
+from typing import List, NamedTuple, Optional
 
 from tokenizer import _texts, gpt2_tokenizer
 
@@ -79,6 +79,8 @@ class Tokenized(NamedTuple):
     question: List[int]     # encode(question + "\n"), after <|begin_of_text|> for Llama
     steps: List[List[int]]  # encode(step + "\n") for each step
     answer: List[int]       # encode("### " + answer) + [eos]
+    hops: Optional[List[List[List[int]]]] = None  # graph records: hops[k-1] = encode(name) of each node k hops
+                                                  # from the root on a shortest path to the target (frontier mode)
 
 
 def graph_question(record, rng=None):
@@ -101,8 +103,42 @@ def graph_question(record, rng=None):
 def tokenize(record, tok=None):
     tok = tok or gpt2_tokenizer()
     q, *steps, a = (tok.encode(t) for t in _texts(record))
+    hops = None
+    if all(k in record for k in ("idx_to_symbol", "edges", "root", "target")):
+        hops = [[tok.encode(record["idx_to_symbol"][v]) for v in layer] for layer in shortest_path_layers(record)]
     bos = [] if tok.bos_id is None else [tok.bos_id]  # Llama's <|begin_of_text|>
-    return Tokenized(bos + q, steps, a + [tok.eos_id])
+    return Tokenized(bos + q, steps, a + [tok.eos_id], hops)
+
+
+def shortest_path_layers(record):
+    """
+    The nodes on shortest root-to-target paths, by hop: [[nodes 1 hop from the root], ..., [the target]]
+    ([] if the target is unreachable). These are the labels of the frontier curriculum ("Reasoning by
+    Superposition": the authors' neighbor_k), and the "optimal" group of its analysis.
+    """
+    n = len(record["idx_to_symbol"])
+    down, up = [[] for _ in range(n)], [[] for _ in range(n)]
+    for a, b in record["edges"]:
+        down[a].append(b)
+        up[b].append(a)
+
+    def bfs(adjacent, source):  # {node: hops from source along adjacent}
+        dist, layer = {source: 0}, [source]
+        while layer:
+            nxt = []
+            for v in layer:
+                for w in adjacent[v]:
+                    if w not in dist:
+                        dist[w] = dist[v] + 1
+                        nxt.append(w)
+            layer = nxt
+        return dist
+
+    from_root, to_target = bfs(down, record["root"]), bfs(up, record["target"])
+    d = from_root.get(record["target"])
+    if d is None:
+        return []
+    return [[v for v in range(n) if from_root.get(v) == k and to_target.get(v) == d - k] for k in range(1, d + 1)]
 
 
 def check_length(examples, block_size, skip_long=False):

@@ -30,20 +30,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, read_checkpoint,
-                        resolve_device, save_atomic, tokenizer_from_checkpoint)
+from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, load_checkpoint,
+                        read_checkpoint, resolve_device, save_atomic, tokenizer_from_checkpoint)
 from coconut import Coconut
-from curriculum import build_examples, collate, make_question, stage_for_epoch
+from curriculum import build_examples, collate, make_question, prompt, stage_for_epoch
 from evaluate import evaluate, summarize_outputs
 from icot import icot_epoch
 from interrupt import STOP, install_signal_handlers, restore_signal_handlers, send_test_signal
 from options import build_parser, check_args
-from presets import DEMO, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
+from presets import DEMO, DEMO_METHODS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
 from records import graph_question, load_split, tokenize
 
 SLOW_RUN_HOURS = 2  # a CPU run estimated longer than this after its first step is told about the demo
 
-FEEDBACK_MODES = ("coconut", "no_curriculum")  # the modes that feed hidden states back as thoughts
+FEEDBACK_MODES = ("coconut", "no_curriculum", "frontier")  # the modes that feed hidden states back as thoughts
 
 # What a resumed run may change; a different value of anything else would make it another run.
 RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threads", "save_every", "log_every",
@@ -130,7 +130,7 @@ def train(args):
                     saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved)
                 if stop:
                     raise Interrupted(f"stopped at step {state['step']}; saved {ckpt_path}: continue with "
-                                      f"`{resume_command(args.out_dir)}`")
+                                      f"`{continue_with(args)}`")
                 send_test_signal(state["step"])
             m, improved = validate(model, tok, val_tok, val_records, epoch, stage, args, device, autocast, state,
                                    meter.seconds())
@@ -138,13 +138,18 @@ def train(args):
             saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved, best=improved)
             if STOP["requested"]:
                 raise Interrupted(f"stopped after epoch {epoch + 1}; saved {ckpt_path}: continue with "
-                                  f"`{resume_command(args.out_dir)}`")
+                                  f"`{continue_with(args)}`")
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, wherever it fell; a save is atomic
-        raise Interrupted(f"interrupted at once; {intact(ckpt_path, saved, args.out_dir)}") from None
+        raise Interrupted(f"interrupted at once; {intact(ckpt_path, saved, args)}") from None
     finally:
         restore_signal_handlers(handlers)
     log(stage_table(state["metrics"]))
     return state["metrics"]
+
+
+def continue_with(args):
+    """The whole command that continues this run (the demo's own when the run is part of it)."""
+    return getattr(args, "continue_with", None) or resume_command(args.out_dir)
 
 
 def train_step(step_model, micro_batches, args, tok, device, autocast):
@@ -174,7 +179,8 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
     """The epoch's line of metrics.jsonl: validation loss at its stage and, when due, accuracy by generation."""
     t0 = time.time()
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                              bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long)
+                              bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long,
+                              bool(args.markers))
     m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
              train_loss=state["epoch_loss"][0] / max(state["epoch_loss"][1], 1),
              val_loss=validation_loss(model, examples, args, tok, device, autocast))
@@ -214,7 +220,7 @@ def validation_loss(model, examples, args, tok, device, autocast):
 def validation_accuracy(model, tok, tokenized, answers, stage, args, autocast):
     """Greedy answers to the stage's prompts (this process's share), scored by the official rule."""
     prompts = [make_question(t, stage, args.mode, args.c_thought, args.max_latent_stage,
-                             bool(args.pad_latent_to_max), tok) for t in tokenized]
+                             bool(args.pad_latent_to_max), tok, bool(args.markers)) for t in tokenized]
     idx = list(range(RANK, len(prompts), WORLD))
     t0, last = time.time(), [time.time()]
 
@@ -254,7 +260,8 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
     if args.shuffle_graph:
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
-                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long)
+                              bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long,
+                              bool(args.markers))
     return examples, plan_steps(len(examples), epoch, args), stage, set()
 
 
@@ -405,10 +412,10 @@ def fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def stage_table(metrics, other=None, names=("accuracy", "")):
-    """Validation accuracy at the last evaluated epoch of each stage (and another run's at the same epoch)."""
-    rows = [f"{'stage':>5} {'epochs':>7} {'steps':>6} {names[0]:>10}" + (f" {names[1]:>10}" if other is not None else "")]
-    by_epoch = {m["epoch"]: m for m in other or []}
+def stage_table(metrics, others=(), names=("accuracy",)):
+    """Validation accuracy at the last evaluated epoch of each stage, and other runs' at the same epoch."""
+    rows = [f"{'stage':>5} {'epochs':>7} {'steps':>6}" + "".join(f" {n:>10}" for n in names)]
+    by_epoch = [{m["epoch"]: m for m in other} for other in others]
     for stage in sorted({m["stage"] for m in metrics}):
         ms = [m for m in metrics if m["stage"] == stage and "val_acc" in m]
         if not ms:
@@ -417,8 +424,8 @@ def stage_table(metrics, other=None, names=("accuracy", "")):
         first = min(x["epoch"] for x in metrics if x["stage"] == stage)
         epochs = f"{first}-{m['epoch']}"
         row = f"{stage:>5} {epochs:>7} {m['step']:>6} {100 * m['val_acc']:9.2f}%"
-        if other is not None:
-            o = by_epoch.get(m["epoch"], {})
+        for other in by_epoch:
+            o = other.get(m["epoch"], {})
             row += f" {100 * o['val_acc']:9.2f}%" if "val_acc" in o else f" {'-':>10}"
         rows.append(row)
     return "\n".join(rows)
@@ -499,11 +506,11 @@ def last_good(path, saved):
     return "no checkpoint was saved" if saved is None else f"{path} (step {saved}) is the last good checkpoint"
 
 
-def intact(path, saved, out_dir):
+def intact(path, saved, args):
     """What a stop at once left: the last checkpoint (saves are atomic: never half written) and the way on."""
     if saved is None:
         return f"no checkpoint was saved yet: start again with `{launch_command()}`"
-    return f"the last checkpoint, {path} (step {saved}), is intact: continue with `{resume_command(out_dir)}`"
+    return f"the last checkpoint, {path} (step {saved}), is intact: continue with `{continue_with(args)}`"
 
 
 def resume_command(out_dir):
@@ -571,8 +578,8 @@ def parse_args(argv=None):
         a.default = argparse.SUPPRESS
     args.typed = sorted(vars(q.parse_args(argv)))
     if args.demo:
-        if "mode" in args.typed or "resume" in args.typed:
-            p.error("--demo trains coconut, then nocot, afresh: drop --mode and --resume")
+        if "mode" in args.typed:
+            p.error("--demo trains coconut, cot and nocot in turn: drop --mode")
         for k, v in DEMO.items():  # under anything typed on the command line
             if k not in args.typed:
                 setattr(args, k, v)
@@ -581,25 +588,56 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# The CPU demo: Coconut from scratch on data/tiny through every stage, then No-CoT for the same number
-# of optimizer steps, and their validation accuracy side by side.
+# The CPU demo: Coconut, CoT and No-CoT of the same size, trained from scratch in turn for the same number of
+# optimizer steps on data/reach (graph search in a world of roads, some open in each question), then scored
+# on its held-out test questions side by side. --demo --resume finishes whatever an interrupted demo left.
 
 def run_demo(args):
     t0 = time.time()
-    if not os.path.isfile(os.path.join(args.data_dir, "tiny", "train.json")) and RANK == 0:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny", "prepare.py")
-        log(f"making the demo's data: python data/tiny/prepare.py --out_dir {os.path.join(args.data_dir, 'tiny')}")
-        subprocess.run([sys.executable, script, "--out_dir", os.path.join(args.data_dir, "tiny")], check=True)
-    runs = {}
-    for mode in ("coconut", "nocot"):
-        a = argparse.Namespace(**vars(args), )
-        a.mode, a.out_dir, a.overwrite = mode, os.path.join(args.out_dir, mode), True
+    data = os.path.join(args.data_dir, args.dataset)
+    if not os.path.isfile(os.path.join(data, "train.json")) and RANK == 0:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset, "prepare.py")
+        log(f"making the demo's data: python data/{args.dataset}/prepare.py --out_dir {data}")
+        subprocess.run([sys.executable, script, "--out_dir", data], check=True)
+    if WORLD > 1:
+        dist.barrier()
+    test = load_split(args.data_dir, args.dataset, "test")
+    runs, summary = {}, {}
+    for mode in DEMO_METHODS:
+        a = argparse.Namespace(**vars(args))
+        a.mode, a.out_dir = mode, os.path.join(args.out_dir, mode)
+        # the whole command again: the methods not started yet take their settings from it
+        a.continue_with = f"{launcher()} " + shlex.join([x for x in LAUNCH["argv"] if x != "--resume"] + ["--resume"])
+        a.resume = args.resume and os.path.exists(os.path.join(a.out_dir, "ckpt.pt"))  # else start it afresh
+        a.overwrite = not a.resume
         if "reset_optimizer" not in args.typed:
-            a.reset_optimizer = "never" if mode == "nocot" else "epoch"
-        log(f"=== {mode} -> {a.out_dir}")
+            a.reset_optimizer = "never"  # from scratch a fresh AdamW every epoch only slows every method down
+        log(f"=== {mode} -> {a.out_dir}" + (" (resumed)" if a.resume else ""))
         runs[mode] = train(a)
-    log(f"\nvalidation accuracy by stage (No-CoT: after as many optimizer steps), {fmt_time(time.time() - t0)} in all")
-    log(stage_table(runs["coconut"], runs["nocot"], names=("Coconut", "No-CoT")))
+        summary[mode] = test_accuracy(os.path.join(a.out_dir, "ckpt.pt"), test, args)
+    if RANK == 0:
+        with open(os.path.join(args.out_dir, "summary.json.tmp"), "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(os.path.join(args.out_dir, "summary.json.tmp"), os.path.join(args.out_dir, "summary.json"))
+    log(f"\nvalidation accuracy by stage (CoT and No-CoT after as many optimizer steps), "
+        f"{fmt_time(time.time() - t0)} in all")
+    log(stage_table(runs["coconut"], [runs["cot"], runs["nocot"]], names=("Coconut", "CoT", "No-CoT")))
+    log(f"\n{len(test)} held-out test questions (out_dir/summary.json):")
+    log(f"{'method':>8} {'accuracy':>9} {'tokens/question':>16}")
+    for mode, name in zip(DEMO_METHODS, ("Coconut", "CoT", "No-CoT")):
+        s = summary[mode]
+        log(f"{name:>8} {100 * s['accuracy']:8.2f}% {s['tokens_per_question']:16.1f}")
+
+
+def test_accuracy(ckpt_path, records, args):
+    """The final model of a run on held-out records, prompted as its last validation was:
+    -> {"accuracy": fraction correct, "tokens_per_question": thoughts + generated tokens, "n": questions}."""
+    model, tok, ckpt = load_checkpoint(ckpt_path)
+    cfg = ckpt["config"]
+    prompts = [prompt(tokenize(r, tok), cfg, int(ckpt["stage"]), tok) for r in records]
+    r = evaluate(model, tok, prompts, [x["answer"] for x in records], cfg["max_new_tokens"], cfg["eval_batch_size"])
+    return {"accuracy": r["acc"], "tokens_per_question": round(r["mean_thoughts"] + r["mean_new_tokens"], 2),
+            "n": r["total"], "correct": r["correct"]}
 
 
 def main(argv=None):

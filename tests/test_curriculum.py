@@ -65,7 +65,8 @@ def test_gpt2_tokenizer_ids_and_decoding():
 
 @pytest.mark.gpt2_bpe
 def test_tokenize_handmade():
-    q, steps, a = tokenize(R)
+    q, steps, a, hops = tokenize(R)
+    assert hops is None  # no graph fields
     assert (q, steps, a) == (Q, [S1, S2], A)
     assert tokenize(R) == Tokenized(Q, [S1, S2], A)
 
@@ -75,7 +76,7 @@ def test_tokenize_equals_whole_text_on_prosqa(prosqa):
     # the official code asserts this on its first record; here on every one
     recs, toks = prosqa
     enc = tiktoken.get_encoding("gpt2")
-    for r, (q, steps, a) in zip(recs, toks):
+    for r, (q, steps, a, _) in zip(recs, toks):
         whole = r["question"] + "\n" + "\n".join(r["steps"]) + "\n### " + r["answer"]
         assert q + [t for s in steps for t in s] + a == enc.encode_ordinary(whole) + [EOS]
 
@@ -231,7 +232,8 @@ def test_stage_for_epoch():
     assert [f(e, 3, "no_thought") for e in (0, 3, 9)] == [0, 1, 3]
     assert f(12, 5, "cot") == f(12, 5, "nocot") == 0
     assert f(0, 5, "no_curriculum") == 7 and f(0, 3, "no_curriculum", max_latent_stage=3) == 4
-    assert set(C.MODES) == {"coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause", "icot"}
+    assert set(C.MODES) == {"coconut", "cot", "nocot", "no_thought", "pause_as_thought", "no_curriculum", "pause", "icot",
+                          "frontier"}
     assert f(12, 5, "icot") == 0  # iCoT's count follows the step (removal_schedule), not the epoch
 
 
@@ -361,7 +363,7 @@ def test_coconut_on_prosqa_against_reference(prosqa):
             for stage in range(M + 2):
                 exs = [C.make_example(t, stage, "coconut", c, M, pad) for t in toks]
                 for t, e in zip(toks, exs):
-                    ids, labels = reference_example(*t, stage, c, M, pad)
+                    ids, labels = reference_example(*t[:3], stage, c, M, pad)
                     assert e == {"input_ids": ids, "labels": labels}
                     k = min(M, stage) if pad else min(M, len(t.steps), stage)
                     assert C.make_question(t, stage, "coconut", c, M, pad) == t.question + [S] + [L] * (k * c) + [E]
@@ -386,10 +388,10 @@ def test_gsm8k_records(tmp_path):
     assert load_records(_write(tmp_path, recs)) == recs
     enc = tiktoken.get_encoding("gpt2")
     for r in recs:
-        q, steps, a = tokenize(r)
+        q, steps, a, _ = tokenize(r)
         whole = r["question"] + "\n" + "\n".join(r["steps"]) + "\n### " + r["answer"]
         assert q + [t for s in steps for t in s] + a == enc.encode_ordinary(whole) + [EOS]
-    q, steps, a = tokenize(recs[0])
+    q, steps, a, _ = tokenize(recs[0])
     assert steps == [[16791, 19, 12, 17, 28, 17, 4211, 198],      # "<<4-2=2>>\n"
                      [16791, 17, 11757, 20, 28, 19, 4211, 198],   # "<<2/.5=4>>\n"
                      [16791, 1065, 14, 19, 28, 18, 4211, 198],    # "<<12/4=3>>\n"

@@ -1,0 +1,195 @@
+"""
+Reach: graph search that a CPU can learn, the CPU demo's data: data/reach/{train,valid,test}.json.
+Nothing to download.
+
+One fixed world, the same in every question: --depth + 1 layers of --width nodes, every node with --children
+children in the next layer. Each question closes some nodes (the "blocked" ones, different in every question)
+and asks which of two last-layer nodes can still be reached from a first-layer node:
+
+    question  [B] c7 b2 a5 b4 c1 [Q] d3 d6 [R] a0     blocked nodes, the two options, the start
+    steps     b0 / c2 / d3                            one open path from the start, a node a hop
+    answer    d3
+    graph     idx_to_symbol, edges, root, target, neg_target: the world without its blocked nodes
+
+Both options are descendants of the start in the world, so the world alone does not answer: the blocked nodes
+cut every path to one of them. The world's edges are learned into the weights in a few hundred steps (what a
+small model cannot learn in minutes is to look edges up in its context: see docs/search.md), and the blocked
+set is a handful of tokens to match. What it takes is --depth hops of "children of the set, less the blocked
+ones". Continuous thoughts can carry the whole set of open nodes from hop to hop; a chain of thought has to
+commit to one branch before it can see whether the blocks cut it off; a model that answers at once must do
+every hop inside one forward pass.
+
+    python data/reach/prepare.py                           # 30,000 / 500 / 500 questions
+    python data/reach/prepare.py --depth 4 --width 8 --blocked 6
+"""
+import argparse
+import os
+import random
+import string
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from data.common import make_out_dir, save_json  # noqa: E402
+
+SPLITS = ("train", "valid", "test")
+
+
+def make_world(rng, depth, width, n_children):
+    """Node i is layer i // width; names a0.. for layer 0, b0.. for layer 1, ... Returns (names, roads): every
+    node's n_children possible children in the next layer, the same in every question."""
+    names = [f"{string.ascii_lowercase[i // width]}{i % width}" for i in range((depth + 1) * width)]
+    roads = [[] for _ in names]
+    for layer in range(depth):
+        below = range((layer + 1) * width, (layer + 2) * width)
+        for v in range(layer * width, (layer + 1) * width):
+            roads[v] = sorted(rng.sample(below, n_children))
+    return names, roads
+
+
+def reachable(children, start):
+    """{node: hops from start} for every node reachable from start."""
+    dist, todo = {start: 0}, [start]
+    while todo:
+        v = todo.pop(0)
+        for c in children[v]:
+            if c not in dist:
+                dist[c] = dist[v] + 1
+                todo.append(c)
+    return dist
+
+
+def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_per_step=1, max_tries=1000):
+    """
+    One question whose open roads form separate branches: the start opens n_branches of its roads, and each
+    branch grows down the world's roads into nodes that no other branch holds, so branches never meet. The
+    target ends one branch; another start grows branches of its own, and the negative ends one of them. A
+    chain of thought must pick the start's branch before it can see which one reaches an option; from a
+    wrong branch nothing reaches either option.
+    """
+    for _ in range(max_tries):
+        start, other = rng.sample(range(width), 2)
+        owner, children = {}, [[] for _ in names]
+        ok = True
+        for root, k in ((start, n_branches), (other, rng.randint(1, n_branches))):
+            if len(roads[root]) < k:
+                ok = False
+                break
+            for b, first in enumerate(rng.sample(roads[root], k)):
+                if first in owner:
+                    continue
+                owner[first] = (root, b)
+                children[root].append(first)
+                layer = [first]
+                while layer:
+                    nxt = []
+                    for v in layer:
+                        free = [c for c in roads[v] if c not in owner]
+                        for c in rng.sample(free, min(len(free), rng.randint(1, 2))):
+                            owner[c] = (root, b)
+                            children[v].append(c)
+                            nxt.append(c)
+                    layer = nxt
+        last = range(depth * width, (depth + 1) * width)
+        mine, theirs = reachable(children, start), reachable(children, other)
+        targets = [v for v in last if v in mine]
+        negatives = [v for v in last if v in theirs]
+        # every branch of the start reaches the last layer: which one reaches the target is not told by
+        # where the others stop
+        full = all(any(v in last for v in reachable(children, c)) for c in children[start])
+        if ok and targets and negatives and len(children[start]) == n_branches and full:
+            break
+    else:
+        raise ValueError("no question found: fewer --branches or a wider world")
+    target, neg = rng.choice(targets), rng.choice(negatives)
+    return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
+
+
+def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tries=1000):
+    """One question: the open roads, a start, an option reachable from it and one reachable only from another
+    start (so both have a full chain of open roads behind them)."""
+    last = range(depth * width, (depth + 1) * width)
+    for _ in range(max_tries):
+        children = [[c for c in cs if rng.random() < p_open] for cs in roads]
+        start = rng.randrange(width)
+        mine = reachable(children, start)
+        others = set().union(*(reachable(children, s) for s in range(width) if s != start))
+        targets = [v for v in last if v in mine]
+        negatives = [v for v in last if v in others and v not in mine]
+        # a chain of thought must choose among the start's roads before it sees where they lead: keep the
+        # questions in which some road from the start cannot reach the target
+        if targets and negatives and len(children[start]) >= 2:
+            target = rng.choice(targets)
+            if not all(target in reachable(children, c) for c in children[start]):
+                break
+    else:
+        raise ValueError("no question found: raise --open or --children")
+    neg = rng.choice(negatives)
+    return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
+
+
+def finish_record(rng, names, children, start, mine, target, neg, hops_per_step):
+    """The record of a question: its open roads in random order, one open path to the target as the steps."""
+    path = [target]  # back from the target through random parents reachable from the start: one hop a layer
+    while path[-1] != start:
+        path.append(rng.choice([v for v in mine if path[-1] in children[v]]))
+    edges = [[v, c] for v in range(len(names)) for c in children[v]]
+    rng.shuffle(edges)
+    options = [target, neg]
+    rng.shuffle(options)
+    question = (" ".join(f"{names[v]}>{names[c]}" for v, c in edges) +
+                f" [Q] {names[options[0]]} {names[options[1]]} [R] {names[start]}")
+    walk = [names[v] for v in path[::-1][1:]]
+    steps = [" ".join(walk[i:i + hops_per_step]) for i in range(0, len(walk), hops_per_step)]
+    return dict(question=question, steps=steps, answer=names[target],
+                idx_to_symbol=names, edges=edges, root=start, target=target, neg_target=neg)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
+    p.add_argument("--depth", type=int, default=5, help="hops from the start to the options (5)")
+    p.add_argument("--width", type=int, default=8, help="nodes per layer (8)")
+    p.add_argument("--children", type=int, default=3, help="possible children of every node (3)")
+    p.add_argument("--open", type=float, default=0.5, help="probability that a road is open in a question (0.5)")
+    p.add_argument("--branches", type=int, default=3, help="the open roads form this many separate branches from the "
+                                                              "start (make_branching_record); 0: roads open at random")
+    p.add_argument("--hops_per_step", type=int, default=1, help="nodes of the path in one step of the chain of "
+                                                                  "thought, which one continuous thought replaces (1)")
+    p.add_argument("--n_train", type=int, default=30000)
+    p.add_argument("--n_valid", type=int, default=500)
+    p.add_argument("--n_test", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="draws the world, then the questions")
+    args = p.parse_args(argv)
+    if not (1 <= args.depth <= 25 and 2 <= args.width and 1 <= args.children <= args.width):
+        p.error("need 1 <= --depth <= 25, --width >= 2 and 1 <= --children <= --width")
+    if args.hops_per_step < 1:
+        p.error("--hops_per_step must be at least 1")
+    if not 0 < args.open <= 1:
+        p.error("--open must be in (0, 1]")
+    make_out_dir(p, args.out_dir)
+    rng = random.Random(args.seed)
+    names, roads = make_world(rng, args.depth, args.width, args.children)
+    seen = set()  # a question in two splits would leak its answer
+    for split in SPLITS:
+        out = []
+        while len(out) < getattr(args, f"n_{split}"):
+            try:
+                r = (make_branching_record(rng, names, roads, args.depth, args.width, args.branches, args.hops_per_step)
+                     if args.branches else
+                     make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step))
+            except ValueError as e:
+                print(f"prepare.py: error: {e}", file=sys.stderr)
+                return 1
+            key = (r["root"], r["target"], r["neg_target"], tuple(sorted(map(tuple, r["edges"]))))
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+        path = os.path.join(args.out_dir, f"{split}.json")
+        save_json(out, path)
+        edges = sum(len(r["edges"]) for r in out) / max(len(out), 1)
+        print(f"{path}: {len(out)} questions, {len(names)} nodes, {edges:.1f} open roads, {args.depth} hops")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The CPU demo (train.py --demo): its data (data/reach), a scaled-down demo end to end with the interface of
+out-demo/summary.json, and an interrupted demo that --demo --resume finishes to the same table and weights."""
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from interrupt import SIGNAL_HOOK
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Seconds, not minutes: a 1-layer, 32-wide model, 2 epochs of 8 steps for each of the three methods.
+SMALL = ["--demo", "--epochs", "2", "--stage_epochs", "1", "--max_latent_stage", "1", "--n_layer", "1", "--n_embd", "32",
+         "--batch_size", "8", "--threads", "1", "--log_every", "0"]
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location("reach_prepare", os.path.join(ROOT, "data", "reach", "prepare.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    assert load_prepare().main(["--out_dir", str(d / "reach"), "--n_train", "64", "--n_valid", "12",
+                                "--n_test", "20"]) == 0
+    return d
+
+
+def run_cli(args, env=None, timeout=300):
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def reach(children, start):
+    seen, todo = {start}, [start]
+    while todo:
+        for c in children[todo.pop()]:
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
+def test_reach_questions(data_dir):
+    prep = load_prepare()
+    records = json.load(open(data_dir / "reach" / "train.json"))
+    depth, width = 4, 6
+    for r in records:
+        names, n = r["idx_to_symbol"], len(r["idx_to_symbol"])
+        assert n == (depth + 1) * width
+        children = [[] for _ in range(n)]
+        for a, b in r["edges"]:
+            assert b // width == a // width + 1  # roads only go one layer down
+            children[a].append(b)
+        t, neg, root = r["target"], r["neg_target"], r["root"]
+        assert root < width and t // width == depth and neg // width == depth
+        assert t in reach(children, root) and neg not in reach(children, root)  # the answer is the reachable one
+        assert any(neg in reach(children, s) for s in range(width) if s != root)  # the other has open roads too
+        path = [root] + [names.index(s) for s in r["steps"]]
+        assert path[-1] == t and all(b in children[a] for a, b in zip(path, path[1:]))  # the steps walk open roads
+        edges, rest = r["question"].split(" [Q] ")
+        assert sorted(e.split(">") for e in edges.split()) == sorted([names[a], names[b]] for a, b in r["edges"])
+        assert sorted(rest.split()) == sorted([names[t], names[neg], "[R]", names[root]]) and r["answer"] == names[t]
+    # the world is one: every question's roads are among the same possible ones
+    possible = {tuple(e) for r in records for e in r["edges"]}
+    assert len(possible) <= depth * width * 3
+
+
+def test_reach_bad_options(data_dir, capsys):
+    prep = load_prepare()
+    with pytest.raises(SystemExit) as e:
+        prep.main(["--out_dir", str(data_dir / "x"), "--open", "1.5"])
+    assert e.value.code == 2 and "--open" in capsys.readouterr().err
+
+
+def summary(out_dir):
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    common = SMALL + ["--data_dir", str(data_dir), "--save_every", "4"]
+    r = run_cli(common + ["--out_dir", a])
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(a)
+    # the interface an independent check reads
+    assert set(s) == {"coconut", "cot", "nocot"}
+    for m in s.values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["n"] == 20 and m["tokens_per_question"] > 0
+        assert m["accuracy"] == m["correct"] / m["n"]
+    assert s["coconut"]["tokens_per_question"] >= 1  # its one continuous thought counts
+    assert "held-out test questions" in r.stdout and "No-CoT" in r.stdout and "CoT" in r.stdout
+
+    # killed in the middle of the Coconut run (saved at step 4), then --demo --resume finishes everything
+    r = run_cli(common + ["--out_dir", b], env={SIGNAL_HOOK: "6:KILL"})
+    assert r.returncode == -9, r.stderr[-3000:]
+    assert not os.path.exists(os.path.join(b, "cot")) and not os.path.exists(os.path.join(b, "summary.json"))
+    r = run_cli(common + ["--out_dir", b, "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout
+    assert summary(a) == summary(b)
+    for mode in ("coconut", "cot", "nocot"):
+        wa = torch.load(os.path.join(a, mode, "ckpt.pt"), weights_only=True)["model"]
+        wb = torch.load(os.path.join(b, mode, "ckpt.pt"), weights_only=True)["model"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), mode
+    tail = lambda out: out[out.index("validation accuracy by stage"):].split("\n", 1)[1]  # the tables, not the time
+    assert tail(r.stdout) == tail(run_cli(common + ["--out_dir", b, "--resume"]).stdout)  # finished: nothing to redo
+
+
+def test_a_stopped_demo_says_how_to_continue(data_dir, tmp_path):
+    # Ctrl-C in the Coconut run: the message gives the whole command, and that command finishes the demo
+    out = str(tmp_path / "c")
+    r = run_cli(SMALL + ["--data_dir", str(data_dir), "--out_dir", out], env={SIGNAL_HOOK: "3:INT"})
+    assert r.returncode == 130, r.stderr[-3000:]
+    said = re.search(r"continue with `(python train.py [^`]*)`", r.stdout + r.stderr)
+    assert said and "--demo" in said.group(1) and said.group(1).endswith("--resume"), r.stdout + r.stderr
+    r = run_cli(shlex.split(said.group(1))[2:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(summary(out)) == {"coconut", "cot", "nocot"}
