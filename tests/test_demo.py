@@ -50,10 +50,7 @@ def reach(children, start):
     return seen
 
 
-def test_reach_questions(data_dir):
-    prep = load_prepare()
-    records = json.load(open(data_dir / "reach" / "train.json"))
-    depth, width = 4, 6
+def check_reach(records, depth, width):
     for r in records:
         names, n = r["idx_to_symbol"], len(r["idx_to_symbol"])
         assert n == (depth + 1) * width
@@ -65,14 +62,38 @@ def test_reach_questions(data_dir):
         assert root < width and t // width == depth and neg // width == depth
         assert t in reach(children, root) and neg not in reach(children, root)  # the answer is the reachable one
         assert any(neg in reach(children, s) for s in range(width) if s != root)  # the other has open roads too
-        path = [root] + [names.index(s) for s in r["steps"]]
+        path = [root] + [names.index(x) for s in r["steps"] for x in s.split()]
         assert path[-1] == t and all(b in children[a] for a, b in zip(path, path[1:]))  # the steps walk open roads
         edges, rest = r["question"].split(" [Q] ")
         assert sorted(e.split(">") for e in edges.split()) == sorted([names[a], names[b]] for a, b in r["edges"])
         assert sorted(rest.split()) == sorted([names[t], names[neg], "[R]", names[root]]) and r["answer"] == names[t]
     # the world is one: every question's roads are among the same possible ones
-    possible = {tuple(e) for r in records for e in r["edges"]}
-    assert len(possible) <= depth * width * 3
+    assert len({tuple(e) for r in records for e in r["edges"]}) <= depth * width * 3
+    return children
+
+
+def test_reach_questions(data_dir):
+    # the demo's questions: three branches from the start that never meet, each reaching the last layer,
+    # and only one of them reaching the target
+    records = json.load(open(data_dir / "reach" / "train.json"))
+    check_reach(records, depth=5, width=8)
+    for r in records:
+        children = [[] for _ in r["idx_to_symbol"]]
+        for a, b in r["edges"]:
+            children[a].append(b)
+        branches = [reach(children, c) for c in children[r["root"]]]
+        assert len(branches) == 3
+        assert all(not (x & y) for i, x in enumerate(branches) for y in branches[i + 1:])  # they never meet
+        assert all(any(v // 8 == 5 for v in b) for b in branches)  # every one reaches the last layer
+        assert sum(r["target"] in b for b in branches) == 1
+
+
+def test_reach_random_roads_and_steps_of_two_hops(tmp_path):
+    assert load_prepare().main(["--out_dir", str(tmp_path), "--branches", "0", "--depth", "4", "--width", "6",
+                                "--hops_per_step", "2", "--n_train", "40", "--n_valid", "5", "--n_test", "5"]) == 0
+    records = json.load(open(tmp_path / "train.json"))
+    check_reach(records, depth=4, width=6)
+    assert all(len(r["steps"]) == 2 and all(len(s.split()) == 2 for s in r["steps"]) for r in records)
 
 
 def test_reach_bad_options(data_dir, capsys):
