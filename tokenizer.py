@@ -187,12 +187,17 @@ class Symbols:
 
 
 def symbol_tokenizer(records):
-    """One token per symbol of the records (in order of first appearance), then eos, start, end, latent."""
+    """One token per symbol of the records (in order of first appearance), then the graph records' node names
+    that their text never shows (the analyses embed every node), then eos, start, end, latent."""
     seen = {}
     for r in records:
         for text in _texts(r):
             for w in text.split():
                 seen.setdefault(w, None)
+    for r in records:
+        for name in r.get("idx_to_symbol") or []:
+            if " " not in name:
+                seen.setdefault(name, None)
     return Tokenizer(Symbols(seen), {"kind": "symbols", "symbols": list(seen)})
 
 
