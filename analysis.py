@@ -7,13 +7,14 @@ breadth-first frontier at once, and nodes of low height are told apart better th
 """
 import math
 import re
-from collections import defaultdict, deque
+from collections import defaultdict
 
 import torch
 from torch.nn import functional as F
 
 from curriculum import collate, prompt
 from evaluate import generate_batched
+from records import bfs
 
 
 # -----------------------------------------------------------------------------
@@ -36,24 +37,9 @@ def parents(record):
     return ps
 
 
-def _bfs(adjacent, sources, n):
-    """Shortest number of hops from any source along `adjacent`; None where never reached."""
-    dist = [None] * n
-    queue = deque(sources)
-    for s in sources:
-        dist[s] = 0
-    while queue:
-        u = queue.popleft()
-        for v in adjacent[u]:
-            if dist[v] is None:
-                dist[v] = dist[u] + 1
-                queue.append(v)
-    return dist
-
-
 def depths(record):
     """Shortest distance from the root to each node (None: unreachable from the root)."""
-    return _bfs(children(record), [record["root"]], len(record["idx_to_symbol"]))
+    return bfs(children(record), [record["root"]], len(record["idx_to_symbol"]))
 
 
 def frontier(record, i):
@@ -69,12 +55,12 @@ def heights(record):
     """A node's height: its shortest distance to a leaf (a node with no children; leaves have 0)."""
     kids = children(record)
     leaves = [v for v, k in enumerate(kids) if not k]
-    return _bfs(parents(record), leaves, len(kids))
+    return bfs(parents(record), leaves, len(kids))
 
 
 def leads_to_target(record):
     """The nodes from which the target is reachable (the target itself included): the "correct" ones."""
-    dist = _bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
+    dist = bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
     return {v for v, d in enumerate(dist) if d is not None}
 
 
@@ -193,7 +179,7 @@ GROUPS = ("not_reachable", "reachable", "frontier", "optimal")
 
 def to_target(record):
     """Shortest distance from each node to the target (None: the target is not below it)."""
-    return _bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
+    return bfs(parents(record), [record["target"]], len(record["idx_to_symbol"]))
 
 
 def node_groups(record, i):

@@ -10,6 +10,7 @@ every stage. check_length guards the model's block_size.
 """
 import json
 import os
+from collections import deque
 from typing import List, NamedTuple, Optional
 
 from tokenizer import _texts, gpt2_tokenizer
@@ -110,6 +111,21 @@ def tokenize(record, tok=None):
     return Tokenized(bos + q, steps, a + [tok.eos_id], hops)
 
 
+def bfs(adjacent, sources, n):
+    """Shortest number of hops from any source along `adjacent` (lists of neighbours); None where never reached."""
+    dist = [None] * n
+    queue = deque(sources)
+    for s in sources:
+        dist[s] = 0
+    while queue:
+        u = queue.popleft()
+        for v in adjacent[u]:
+            if dist[v] is None:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
 def shortest_path_layers(record):
     """
     The nodes on shortest root-to-target paths, by hop: [[nodes 1 hop from the root], ..., [the target]]
@@ -121,24 +137,11 @@ def shortest_path_layers(record):
     for a, b in record["edges"]:
         down[a].append(b)
         up[b].append(a)
-
-    def bfs(adjacent, source):  # {node: hops from source along adjacent}
-        dist, layer = {source: 0}, [source]
-        while layer:
-            nxt = []
-            for v in layer:
-                for w in adjacent[v]:
-                    if w not in dist:
-                        dist[w] = dist[v] + 1
-                        nxt.append(w)
-            layer = nxt
-        return dist
-
-    from_root, to_target = bfs(down, record["root"]), bfs(up, record["target"])
-    d = from_root.get(record["target"])
+    from_root, to_target = bfs(down, [record["root"]], n), bfs(up, [record["target"]], n)
+    d = from_root[record["target"]]
     if d is None:
         return []
-    return [[v for v in range(n) if from_root.get(v) == k and to_target.get(v) == d - k] for k in range(1, d + 1)]
+    return [[v for v in range(n) if from_root[v] == k and to_target[v] == d - k] for k in range(1, d + 1)]
 
 
 def check_length(examples, block_size, skip_long=False):
