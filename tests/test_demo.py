@@ -50,7 +50,7 @@ def reach(children, start):
     return seen
 
 
-def check_reach(records, depth, width):
+def check_reach(records, depth, width, children_per_node=4):
     for r in records:
         names, n = r["idx_to_symbol"], len(r["idx_to_symbol"])
         assert n == (depth + 1) * width
@@ -68,24 +68,30 @@ def check_reach(records, depth, width):
         assert sorted(e.split(">") for e in edges.split()) == sorted([names[a], names[b]] for a, b in r["edges"])
         assert sorted(rest.split()) == sorted([names[t], names[neg], "[R]", names[root]]) and r["answer"] == names[t]
     # the world is one: every question's roads are among the same possible ones
-    assert len({tuple(e) for r in records for e in r["edges"]}) <= depth * width * 3
+    assert len({tuple(e) for r in records for e in r["edges"]}) <= depth * width * children_per_node
     return children
 
 
 def test_reach_questions(data_dir):
-    # the demo's questions: three branches from the start that never meet, each reaching the last layer,
-    # and only one of them reaching the target
+    # the demo's questions: two first-layer nodes with three chains each that never meet, every chain reaching
+    # the last layer; the start is either of the two, and one of its chains ends in the target
     records = json.load(open(data_dir / "reach" / "train.json"))
     check_reach(records, depth=5, width=8)
+    starts = []
     for r in records:
         children = [[] for _ in r["idx_to_symbol"]]
         for a, b in r["edges"]:
             children[a].append(b)
-        branches = [reach(children, c) for c in children[r["root"]]]
-        assert len(branches) == 3
-        assert all(not (x & y) for i, x in enumerate(branches) for y in branches[i + 1:])  # they never meet
-        assert all(any(v // 8 == 5 for v in b) for b in branches)  # every one reaches the last layer
-        assert sum(r["target"] in b for b in branches) == 1
+        roots = [v for v in range(8) if children[v]]
+        assert len(roots) == 2 and r["root"] in roots and len(r["edges"]) == 2 * 3 * 5
+        chains = [reach(children, c) for v in roots for c in children[v]]
+        assert len(chains) == 6 and all(len(c) == 5 for c in chains)  # one node a layer: chains
+        assert all(not (x & y) for i, x in enumerate(chains) for y in chains[i + 1:])  # they never meet
+        assert sum(r["target"] in c for c in chains) == 1
+        assert len(children[r["root"]]) == 3
+        starts.append(roots.index(r["root"]))
+    # which of the two roots is asked is drawn after both grow: neither tree is told by its shape or its name
+    assert 0 < sum(starts) < len(starts)
 
 
 def test_reach_random_roads_and_steps_of_two_hops(tmp_path):

@@ -58,49 +58,50 @@ def reachable(children, start):
     return dist
 
 
-def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_per_step=1, max_tries=1000):
+def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_per_step=1, fan=2, max_tries=10000):
     """
-    One question whose open roads form separate branches: the start opens n_branches of its roads, and each
-    branch grows down the world's roads into nodes that no other branch holds, so branches never meet. The
-    target ends one branch; another start grows branches of its own, and the negative ends one of them. A
-    chain of thought must pick the start's branch before it can see which one reaches an option; from a
-    wrong branch nothing reaches either option.
+    One question whose open roads form separate branches: two first-layer nodes each open n_branches of their
+    roads, and each branch grows down the world's roads into nodes that no other branch holds (every node up
+    to fan children), so branches never meet and every one reaches the last layer. The two trees grow in turn,
+    hop by hop, and which root is the start is drawn afterwards, so nothing but the roads tells the start's
+    tree from the other's. The target ends one of the start's branches, the negative one of the other's. A
+    chain of thought must pick the start's branch before it can see which one reaches an option; from a wrong
+    branch nothing reaches either option.
     """
+    last = range(depth * width, (depth + 1) * width)
     for _ in range(max_tries):
-        start, other = rng.sample(range(width), 2)
+        roots = rng.sample(range(width), 2)
         owner, children = {}, [[] for _ in names]
-        ok = True
-        for root, k in ((start, n_branches), (other, rng.randint(1, n_branches))):
-            if len(roads[root]) < k:
-                ok = False
+        frontier = []  # (node, branch): the nodes of the hop that grows next
+        for root in roots:
+            if len(roads[root]) < n_branches:
                 break
-            for b, first in enumerate(rng.sample(roads[root], k)):
+            for first in rng.sample(roads[root], n_branches):
                 if first in owner:
-                    continue
-                owner[first] = (root, b)
+                    break
+                owner[first] = (root, first)
                 children[root].append(first)
-                layer = [first]
-                while layer:
-                    nxt = []
-                    for v in layer:
-                        free = [c for c in roads[v] if c not in owner]
-                        for c in rng.sample(free, min(len(free), rng.randint(1, 2))):
-                            owner[c] = (root, b)
-                            children[v].append(c)
-                            nxt.append(c)
-                    layer = nxt
-        last = range(depth * width, (depth + 1) * width)
-        mine, theirs = reachable(children, start), reachable(children, other)
-        targets = [v for v in last if v in mine]
-        negatives = [v for v in last if v in theirs]
-        # every branch of the start reaches the last layer: which one reaches the target is not told by
-        # where the others stop
-        full = all(any(v in last for v in reachable(children, c)) for c in children[start])
-        if ok and targets and negatives and len(children[start]) == n_branches and full:
+                frontier.append((first, (root, first)))
+        if len(frontier) < 2 * n_branches:
+            continue
+        for _hop in range(depth - 1):
+            rng.shuffle(frontier)  # neither tree chooses first
+            nxt = []
+            for v, branch in frontier:
+                free = [c for c in roads[v] if c not in owner]
+                for c in rng.sample(free, min(len(free), rng.randint(1, fan))):
+                    owner[c] = branch
+                    children[v].append(c)
+                    nxt.append((c, branch))
+            frontier = nxt
+        if len({branch for _, branch in frontier}) == 2 * n_branches:  # every branch reached the last layer
             break
     else:
         raise ValueError("no question found: fewer --branches or a wider world")
-    target, neg = rng.choice(targets), rng.choice(negatives)
+    start, other = roots if rng.random() < 0.5 else roots[::-1]
+    mine = reachable(children, start)
+    target = rng.choice([v for v in last if v in mine])
+    neg = rng.choice([v for v in last if owner.get(v, (None,))[0] == other])
     return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
 
 
@@ -149,10 +150,11 @@ def main(argv=None):
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--depth", type=int, default=5, help="hops from the start to the options (5)")
     p.add_argument("--width", type=int, default=8, help="nodes per layer (8)")
-    p.add_argument("--children", type=int, default=3, help="possible children of every node (3)")
+    p.add_argument("--children", type=int, default=4, help="possible children of every node (4)")
     p.add_argument("--open", type=float, default=0.5, help="probability that a road is open in a question (0.5)")
     p.add_argument("--branches", type=int, default=3, help="the open roads form this many separate branches from the "
                                                               "start (make_branching_record); 0: roads open at random")
+    p.add_argument("--fan", type=int, default=1, help="most children of a node in a branch (1: every branch a chain)")
     p.add_argument("--hops_per_step", type=int, default=1, help="nodes of the path in one step of the chain of "
                                                                   "thought, which one continuous thought replaces (1)")
     p.add_argument("--n_train", type=int, default=30000)
@@ -174,7 +176,8 @@ def main(argv=None):
         out = []
         while len(out) < getattr(args, f"n_{split}"):
             try:
-                r = (make_branching_record(rng, names, roads, args.depth, args.width, args.branches, args.hops_per_step)
+                r = (make_branching_record(rng, names, roads, args.depth, args.width, args.branches, args.hops_per_step,
+                                           args.fan)
                      if args.branches else
                      make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step))
             except ValueError as e:
