@@ -72,7 +72,7 @@ def removed_steps(stage, n_steps, max_latent_stage, pad_latent_to_max):
 
 
 def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage=6,
-                 pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None, markers=True):
+                 pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None, markers=True, thought_labels=False):
     """
     One training sequence: {"input_ids": [...], "labels": [...]} with -100 on the question, the
     markers and the latents. With uniform_prob p (curriculum modes only), a record trains at a stage
@@ -80,7 +80,12 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     per record and a choice() only when it fires (rng defaults to the random module itself).
     markers=False leaves out <start> and <end> around the thoughts (as "Reasoning by Superposition"
     does): then thought 1 is the hidden state of the question's last token, the one that at stage 0
-    was trained to name the first step.
+    was trained to name the first step. thought_labels=True keeps, at each thought, the label of the step it
+    replaces (its first token): the position before the thought, whose hidden state becomes the thought, is
+    trained to name that step, exactly as CoT's is. A model that cannot yet tell which branch leads to the
+    answer lowers that loss by spreading its guess over every candidate, as the frontier curriculum of
+    "Reasoning by Superposition" does with one label; CoT and Coconut then see the same labels, and differ
+    only in what is fed back: the sampled token, or the whole hidden state.
     """
     _check_mode(mode)
     if mode == "icot":
@@ -114,7 +119,13 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
                 thought = [tok.start_id] + thought + [tok.end_id]
 
     rest = [t for s in kept for t in s] + a  # the language the loss is on
-    return {"input_ids": q + thought + rest, "labels": [-100] * (len(q) + len(thought)) + rest}
+    labels = [-100] * len(thought)
+    if thought_labels and mode in CURRICULUM_MODES and thought:
+        first = 1 if markers else 0
+        for j, step in enumerate(steps[:skip]):  # the first of step j's c thoughts names step j
+            if j * c < n * c and step:
+                labels[first + j * c] = step[0]
+    return {"input_ids": q + thought + rest, "labels": [-100] * len(q) + labels + rest}
 
 
 def make_frontier_example(tokenized, stage, max_latent_stage=6, uniform_prob=0.0, rng=None, tok=None):
@@ -221,10 +232,10 @@ def is_correct(prompt_ids, new_ids, answer, tok):
 
 def build_examples(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage=6,
                    pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None,
-                   block_size=None, skip_long=False, markers=True):
+                   block_size=None, skip_long=False, markers=True, thought_labels=False):
     """make_example over a data set (in order, so a seeded rng draws the official stages), length-checked."""
     examples = [make_example(t, stage, mode, c_thought, max_latent_stage, pad_latent_to_max,
-                             uniform_prob, rng, tok, markers) for t in tokenized]
+                             uniform_prob, rng, tok, markers, thought_labels) for t in tokenized]
     if block_size is not None:
         examples = [examples[i] for i in check_length(examples, block_size, skip_long)]
     return examples

@@ -180,7 +180,7 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
     t0 = time.time()
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long,
-                              bool(args.markers))
+                              bool(args.markers), bool(args.thought_labels))
     m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
              train_loss=state["epoch_loss"][0] / max(state["epoch_loss"][1], 1),
              val_loss=validation_loss(model, examples, args, tok, device, autocast))
@@ -261,7 +261,7 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long,
-                              bool(args.markers))
+                              bool(args.markers), bool(args.thought_labels))
     return examples, plan_steps(len(examples), epoch, args), stage, set()
 
 

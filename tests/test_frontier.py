@@ -100,15 +100,48 @@ def test_coconut_runs_a_frontier_batch_like_one_pass_per_thought(tok):
     b = C.collate(exs, pad_id=tok.pad_id, latent_id=tok.latent_id)
     with torch.no_grad():
         loss, logits = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], with_logits=True)
-        for row, e in enumerate(exs):  # naive: one full pass per thought, each thought the last hidden state
-            seq = e["input_ids"]
-            embeds = gpt.transformer.wte(torch.tensor([seq]))
-            for col in [i for i, x in enumerate(seq) if x == tok.latent_id]:
-                _, _, hidden, _ = gpt(inputs_embeds=embeds[:, :col], position_ids=torch.arange(col)[None],
-                                      attention_mask=torch.ones(1, col, dtype=torch.long), with_logits=False)
-                embeds = embeds.clone()
-                embeds[0, col] = hidden[0, -1]
-            ref, _, _, _ = gpt(inputs_embeds=embeds, position_ids=torch.arange(len(seq))[None],
-                               attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+        for row, e in enumerate(exs):
             cols = b["attention_mask"][row].nonzero().flatten()
-            torch.testing.assert_close(logits[row, cols], ref[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[row, cols], naive_logits(gpt, e["input_ids"], tok), atol=1e-5, rtol=1e-5)
+
+
+def naive_logits(gpt, seq, tok):
+    """(T, V): one full pass per thought, each thought the last hidden state before it; then the whole sequence."""
+    embeds = gpt.transformer.wte(torch.tensor([seq]))
+    for col in [i for i, x in enumerate(seq) if x == tok.latent_id]:
+        _, _, hidden, _ = gpt(inputs_embeds=embeds[:, :col], position_ids=torch.arange(col)[None],
+                              attention_mask=torch.ones(1, col, dtype=torch.long), with_logits=False)
+        embeds = embeds.clone()
+        embeds[0, col] = hidden[0, -1]
+    ref, _, _, _ = gpt(inputs_embeds=embeds, position_ids=torch.arange(len(seq))[None],
+                       attention_mask=torch.ones(1, len(seq), dtype=torch.long))
+    return ref[0]
+
+
+def test_thought_labels_are_cots_labels(tok):
+    # --thought_labels 1: at every stage the labels are CoT's, token for token; only the input changes, each
+    # removed step's token becoming a thought
+    t = tokenize(RECORD, tok)
+    q, L = t.question, tok.latent_id
+    cot = C.make_example(t, 0, "cot", tok=tok)["labels"]
+    for stage in range(5):
+        e = C.make_example(t, stage, "coconut", max_latent_stage=3, tok=tok, markers=False, thought_labels=True)
+        k = min(stage, 3)
+        assert e["input_ids"] == q + [L] * k + [x for s in t.steps[k:] for x in s] + t.answer
+        assert e["labels"] == cot
+    with_markers = C.make_example(t, 2, "coconut", max_latent_stage=3, tok=tok, thought_labels=True)
+    assert with_markers["labels"] == [-100] * (len(q) + 1) + t.steps[0] + t.steps[1] + [-100] + t.steps[2] + t.answer
+    plain = C.make_example(t, 2, "coconut", max_latent_stage=3, tok=tok, markers=False)
+    assert plain["labels"] == [-100] * (len(q) + 2) + t.steps[2] + t.answer  # the paper's: none on thoughts
+
+    # the loss on a thought's label is read where that thought is made: the hidden state before it
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=64, vocab_size=tok.vocab_size, dropout=0.0))
+    model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id).eval()
+    e = C.make_example(t, 3, "coconut", max_latent_stage=3, tok=tok, markers=False, thought_labels=True)
+    b = C.collate([e], pad_id=tok.pad_id, latent_id=tok.latent_id)
+    with torch.no_grad():
+        loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+        ref = torch.nn.functional.cross_entropy(naive_logits(gpt, e["input_ids"], tok)[:-1], torch.tensor(e["labels"][1:]))
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+    assert len(t.steps) == 3 and all(len(s) == 1 for s in t.steps)  # every step a thought, every thought a label
