@@ -2,25 +2,26 @@
 Reach: graph search that a CPU can learn, the CPU demo's data: data/reach/{train,valid,test}.json.
 Nothing to download.
 
-One fixed world, the same in every question: --depth + 1 layers of --width nodes, every node with --children
-children in the next layer. Each question closes some nodes (the "blocked" ones, different in every question)
-and asks which of two last-layer nodes can still be reached from a first-layer node:
+One fixed world of possible roads, the same in every question: --depth + 1 layers of --width nodes, every node
+with --children possible children in the next layer. In each question two first-layer nodes open --branches
+of their roads each, and every branch grows down the world's roads into nodes that no other branch holds, a
+chain of one node a layer by default (--fan 1), to the last layer. One of the two roots, drawn after both
+grew, is the start; the question asks which of two last-layer nodes the open roads reach from it:
 
-    question  [B] c7 b2 a5 b4 c1 [Q] d3 d6 [R] a0     blocked nodes, the two options, the start
-    steps     b0 / c2 / d3                            one open path from the start, a node a hop
-    answer    d3
-    graph     idx_to_symbol, edges, root, target, neg_target: the world without its blocked nodes
+    question  a4>b6 c2>d1 b4>c2 ... e7>f1 [Q] f2 f1 [R] a4    the open roads (one token each), options, start
+    steps     b4 / c2 / d1 / e7 / f1                          the start's chain that ends in the target
+    answer    f1
+    graph     idx_to_symbol, edges, root, target, neg_target
 
-Both options are descendants of the start in the world, so the world alone does not answer: the blocked nodes
-cut every path to one of them. The world's edges are learned into the weights in a few hundred steps (what a
-small model cannot learn in minutes is to look edges up in its context: see docs/search.md), and the blocked
-set is a handful of tokens to match. What it takes is --depth hops of "children of the set, less the blocked
-ones". Continuous thoughts can carry the whole set of open nodes from hop to hop; a chain of thought has to
-commit to one branch before it can see whether the blocks cut it off; a model that answers at once must do
-every hop inside one forward pass.
+Every road is one token, so one attention head reads it (a road written as two node tokens needs a circuit a
+small model does not learn in minutes: see docs/search.md). The two trees are alike, so nothing but following
+--depth roads tells the options apart: a model that answers at once must do every hop inside one forward
+pass; a chain of thought must pick one of the start's branches before it can see which one reaches an option
+(from a wrong one, nothing does); continuous thoughts can follow all of them at once.
 
     python data/reach/prepare.py                           # 30,000 / 500 / 500 questions
-    python data/reach/prepare.py --depth 4 --width 8 --blocked 6
+    python data/reach/prepare.py --depth 4 --width 10 --fan 2
+    python data/reach/prepare.py --branches 0 --open 0.5   # roads open at random instead (docs/search.md, 3)
 """
 import argparse
 import os
