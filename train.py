@@ -614,7 +614,9 @@ def run_demo(args):
             a.reset_optimizer = "never"  # from scratch a fresh AdamW every epoch only slows every method down
         log(f"=== {mode} -> {a.out_dir}" + (" (resumed)" if a.resume else ""))
         runs[mode] = train(a)
-        summary[mode] = test_accuracy(os.path.join(a.out_dir, "ckpt.pt"), test, args)
+        # as the paper: the checkpoint with the best validation accuracy; the last one beside it
+        summary[mode] = test_accuracy(os.path.join(a.out_dir, "best.pt"), test, args)
+        summary[mode]["last"] = test_accuracy(os.path.join(a.out_dir, "ckpt.pt"), test, args)
     if RANK == 0:
         with open(os.path.join(args.out_dir, "summary.json.tmp"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -622,22 +624,24 @@ def run_demo(args):
     log(f"\nvalidation accuracy by stage (CoT and No-CoT after as many optimizer steps), "
         f"{fmt_time(time.time() - t0)} in all")
     log(stage_table(runs["coconut"], [runs["cot"], runs["nocot"]], names=("Coconut", "CoT", "No-CoT")))
-    log(f"\n{len(test)} held-out test questions (out_dir/summary.json):")
-    log(f"{'method':>8} {'accuracy':>9} {'tokens/question':>16}")
+    log(f"\n{len(test)} held-out test questions (out_dir/summary.json): best.pt, the best validation accuracy "
+        f"(the paper's choice), and the last checkpoint")
+    log(f"{'method':>8} {'accuracy':>9} {'tokens/question':>16} {'epoch':>6} {'last':>9} {'epoch':>6}")
     for mode, name in zip(DEMO_METHODS, ("Coconut", "CoT", "No-CoT")):
-        s = summary[mode]
-        log(f"{name:>8} {100 * s['accuracy']:8.2f}% {s['tokens_per_question']:16.1f}")
+        s, last = summary[mode], summary[mode]["last"]
+        log(f"{name:>8} {100 * s['accuracy']:8.2f}% {s['tokens_per_question']:16.1f} {s['epoch']:6d} "
+            f"{100 * last['accuracy']:8.2f}% {last['epoch']:6d}")
 
 
 def test_accuracy(ckpt_path, records, args):
-    """The final model of a run on held-out records, prompted as its last validation was:
-    -> {"accuracy": fraction correct, "tokens_per_question": thoughts + generated tokens, "n": questions}."""
+    """A checkpoint of a run on held-out records, prompted as its validation was: -> {"accuracy": fraction
+    correct, "tokens_per_question": thoughts + generated tokens, "n": questions, "correct", "epoch" (from 1)}."""
     model, tok, ckpt = load_checkpoint(ckpt_path)
     cfg = ckpt["config"]
     prompts = [prompt(tokenize(r, tok), cfg, int(ckpt["stage"]), tok) for r in records]
     r = evaluate(model, tok, prompts, [x["answer"] for x in records], cfg["max_new_tokens"], cfg["eval_batch_size"])
     return {"accuracy": r["acc"], "tokens_per_question": round(r["mean_thoughts"] + r["mean_new_tokens"], 2),
-            "n": r["total"], "correct": r["correct"]}
+            "n": r["total"], "correct": r["correct"], "epoch": int(ckpt["epoch"]) + 1}
 
 
 def main(argv=None):
