@@ -18,7 +18,8 @@ question, steps, answer as token ids) becomes
     stage > M    every step is removed; M*c latents (or min(#steps, M)*c without pad_latent_to_max)
 
 The loss is never on the question, the two markers or the latents (label -100), only on the
-language that follows them. Everything here follows the official implementation token for token
+language that follows them (with thought_labels, an addition to the paper, each latent keeps the label
+of the step it replaced). Everything here follows the official implementation token for token
 (dataset.py: get_cot_latent_dataset, get_question_latent_dataset, MyCollator). The tokenizers live in
 tokenizer.py, the data files in records.py, and the iCoT baseline's removal schedule in icot.py.
 """
