@@ -594,11 +594,7 @@ def parse_args(argv=None):
 
 def run_demo(args):
     t0 = time.time()
-    data = os.path.join(args.data_dir, args.dataset)
-    if not os.path.isfile(os.path.join(data, "train.json")) and RANK == 0:
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset, "prepare.py")
-        log(f"making the demo's data: python data/{args.dataset}/prepare.py --out_dir {data}")
-        subprocess.run([sys.executable, script, "--out_dir", data], check=True)
+    demo_data(args)
     if WORLD > 1:
         dist.barrier()
     test = load_split(args.data_dir, args.dataset, "test")
@@ -631,6 +627,23 @@ def run_demo(args):
         s, last = summary[mode], summary[mode]["last"]
         log(f"{name:>8} {100 * s['accuracy']:8.2f}% {s['tokens_per_question']:16.1f} {s['epoch']:6d} "
             f"{100 * last['accuracy']:8.2f}% {last['epoch']:6d}")
+
+
+def demo_data(args):
+    """
+    The demo's data is its own, made afresh in <out_dir>/data (seed 0: the same questions every time) unless
+    the demo resumes: a data/reach left by an older prepare.py would change the table without a word. With
+    --data_dir typed, that folder's data, made only when it has none. Sets args.data_dir.
+    """
+    own = "data_dir" not in args.typed
+    if own:
+        args.data_dir = os.path.join(args.out_dir, "data")
+    data = os.path.join(args.data_dir, args.dataset)
+    made = os.path.isfile(os.path.join(data, "test.json"))  # the last file prepare.py writes
+    if RANK == 0 and (not made or (own and not args.resume)):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset, "prepare.py")
+        log(f"making the demo's data: python data/{args.dataset}/prepare.py --out_dir {data}")
+        subprocess.run([sys.executable, script, "--out_dir", data], check=True)
 
 
 def test_accuracy(ckpt_path, records, args):

@@ -156,3 +156,27 @@ def test_a_stopped_demo_says_how_to_continue(data_dir, tmp_path):
     r = run_cli(shlex.split(said.group(1))[2:])
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(summary(out)) == {"coconut", "cot", "nocot"}
+
+
+def test_the_demo_makes_its_own_data(tmp_path, monkeypatch):
+    # without --data_dir the demo makes its data afresh in out_dir (a data/reach of an older prepare.py would
+    # change the table), keeps it when it resumes, and with --data_dir uses what is there
+    import train
+    made = []
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd, check: made.append(cmd[cmd.index("--out_dir") + 1]))
+    out = str(tmp_path / "out")
+    own = os.path.join(out, "data", "reach")
+    for argv, expected in ((["--demo", "--out_dir", out], [own]),
+                           (["--demo", "--out_dir", out, "--resume"], [own])):  # nothing there yet: made
+        made.clear()
+        args = train.parse_args(argv)
+        train.demo_data(args)
+        assert made == expected and args.data_dir == os.path.join(out, "data")
+    os.makedirs(own)
+    open(os.path.join(own, "test.json"), "w").close()
+    for argv, expected in ((["--demo", "--out_dir", out], [own]),               # afresh, even though it is there
+                           (["--demo", "--out_dir", out, "--resume"], []),        # the same data as the run's
+                           (["--demo", "--out_dir", out, "--data_dir", str(tmp_path / "out" / "data")], [])):
+        made.clear()
+        train.demo_data(train.parse_args(argv))
+        assert made == expected, argv
