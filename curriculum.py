@@ -81,12 +81,13 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     per record and a choice() only when it fires (rng defaults to the random module itself).
     markers=False leaves out <start> and <end> around the thoughts (as "Reasoning by Superposition"
     does): then thought 1 is the hidden state of the question's last token, the one that at stage 0
-    was trained to name the first step. thought_labels=True keeps, at each thought, the label of the step it
-    replaces (its first token): the position before the thought, whose hidden state becomes the thought, is
-    trained to name that step, exactly as CoT's is. A model that cannot yet tell which branch leads to the
-    answer lowers that loss by spreading its guess over every candidate, as the frontier curriculum of
-    "Reasoning by Superposition" does with one label; CoT and Coconut then see the same labels, and differ
-    only in what is fed back: the sampled token, or the whole hidden state.
+    was trained to name the first step. thought_labels=True (coconut, pause_as_thought, no_curriculum) keeps,
+    at the first of each removed step's c thoughts, the label of that step's first token: the position whose
+    hidden state becomes the thought is trained to name the step, as CoT's is. A model that cannot yet tell
+    which branch leads to the answer lowers that loss by spreading its guess over every candidate, as with the
+    frontier curriculum of "Reasoning by Superposition". With one-token steps and c = 1 (the demo's data),
+    Coconut's labels are then exactly CoT's, and the two differ only in what comes next: the step's token
+    (the gold one in training, the model's own pick when it answers), or the whole hidden state.
     """
     _check_mode(mode)
     if mode == "icot":
@@ -121,10 +122,10 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
 
     rest = [t for s in kept for t in s] + a  # the language the loss is on
     labels = [-100] * len(thought)
-    if thought_labels and mode in CURRICULUM_MODES and thought:
+    if thought_labels and mode in ("coconut", "pause_as_thought", "no_curriculum") and c > 0:
         first = 1 if markers else 0
-        for j, step in enumerate(steps[:skip]):  # the first of step j's c thoughts names step j
-            if j * c < n * c and step:
+        for j, step in enumerate(steps[:min(skip, n)]):  # the first of step j's c thoughts names step j's first token
+            if step:
                 labels[first + j * c] = step[0]
     return {"input_ids": q + thought + rest, "labels": [-100] * len(q) + labels + rest}
 

@@ -41,8 +41,9 @@ def build_parser(doc):
                    help="1: <|start-latent|> and <|end-latent|> around the thoughts (the paper; the default); 0: bare "
                         "thoughts, as in 'Reasoning by Superposition' (reach, the demo's data)")
     d.add_argument("--thought_labels", type=int, default=None, choices=(0, 1),
-                   help="1: each thought keeps the label of the step it replaces (its first token), so CoT and "
-                        "Coconut learn from the same labels (reach, the demo's data); 0: none, as in the paper")
+                   help="1: the first thought of each removed step keeps that step's first token as its label; "
+                        "with one-token steps and c = 1, Coconut then learns from CoT's labels (reach, the demo's "
+                        "data); 0: no loss on thoughts, as in the paper")
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
     d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "

@@ -589,8 +589,8 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # The CPU demo: Coconut, CoT and No-CoT of the same size, trained from scratch in turn for the same number of
-# optimizer steps on data/reach (graph search in a world of roads, some open in each question), then scored
-# on its held-out test questions side by side. --demo --resume finishes whatever an interrupted demo left.
+# optimizer steps on data/reach (graph search: two roots' chains of open roads, one of them the start), then
+# scored on its held-out test questions side by side. --demo --resume finishes whatever an interrupted demo left.
 
 def run_demo(args):
     t0 = time.time()

@@ -127,6 +127,10 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
             assert 0.0 <= x["accuracy"] <= 1.0 and x["n"] == 20 and x["tokens_per_question"] > 0
             assert x["accuracy"] == x["correct"] / x["n"] and 1 <= x["epoch"] <= 2
         assert m["last"]["epoch"] == 2
+    for mode in s:  # best.pt: the first epoch of the highest validation accuracy
+        rows = [json.loads(line) for line in open(os.path.join(a, mode, "metrics.jsonl"))]
+        accs = [row["val_acc"] for row in rows]
+        assert s[mode]["epoch"] == rows[accs.index(max(accs))]["epoch"]
     assert s["coconut"]["tokens_per_question"] >= 1  # its one continuous thought counts
     assert "held-out test questions" in r.stdout and "No-CoT" in r.stdout and "CoT" in r.stdout
 
@@ -180,3 +184,26 @@ def test_the_demo_makes_its_own_data(tmp_path, monkeypatch):
         made.clear()
         train.demo_data(train.parse_args(argv))
         assert made == expected, argv
+
+
+def test_the_demos_coconut_labels_its_thoughts(data_dir):
+    # the demo's preset turns --thought_labels on, and train.py hands it to the curriculum: at stage 3 the three
+    # thoughts carry the first three steps' labels (bare thoughts, no markers)
+    import train
+    from records import load_split, tokenize
+    from tokenizer import symbol_tokenizer
+    args = train.parse_args(["--demo", "--data_dir", str(data_dir)])
+    assert (args.mode, args.thought_labels, args.markers) == ("coconut", 1, 0)
+    records = load_split(str(data_dir), "reach", "train")
+    tok = symbol_tokenizer(records)
+    tokenized = [tokenize(r, tok) for r in records]
+    examples, _, stage, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
+    assert stage == 3
+    for e, t in zip(examples, tokenized):
+        col = e["input_ids"].index(tok.latent_id)
+        assert e["input_ids"][col:col + 3] == [tok.latent_id] * 3
+        assert e["labels"][col:col + 3] == [s[0] for s in t.steps[:3]]
+    args.thought_labels = 0
+    examples, _, _, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
+    col = examples[0]["input_ids"].index(tok.latent_id)
+    assert examples[0]["labels"][col:col + 3] == [-100] * 3

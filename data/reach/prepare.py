@@ -153,8 +153,8 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=8, help="nodes per layer (8)")
     p.add_argument("--children", type=int, default=4, help="possible children of every node (4)")
     p.add_argument("--open", type=float, default=0.5, help="probability that a road is open in a question (0.5)")
-    p.add_argument("--branches", type=int, default=3, help="the open roads form this many separate branches from the "
-                                                              "start (make_branching_record); 0: roads open at random")
+    p.add_argument("--branches", type=int, default=3, help="separate branches from each of the two roots (3; "
+                                                              "make_branching_record); 0: roads open at random")
     p.add_argument("--fan", type=int, default=1, help="most children of a node in a branch (1: every branch a chain)")
     p.add_argument("--hops_per_step", type=int, default=1, help="nodes of the path in one step of the chain of "
                                                                   "thought, which one continuous thought replaces (1)")
@@ -165,6 +165,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (1 <= args.depth <= 25 and 2 <= args.width and 1 <= args.children <= args.width):
         p.error("need 1 <= --depth <= 25, --width >= 2 and 1 <= --children <= --width")
+    if args.fan < 1:
+        p.error("--fan must be at least 1")
     if args.hops_per_step < 1:
         p.error("--hops_per_step must be at least 1")
     if not 0 < args.open <= 1:
