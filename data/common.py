@@ -96,6 +96,18 @@ def save_json(records, path):
     os.replace(tmp, path)  # readers never see a half-written file
 
 
+def distinct_records(make, n, key, seen):
+    """n records from make(), skipping any whose key(record) is already in seen, which grows: a question in
+    two splits would leak its answer. make's errors pass through."""
+    out = []
+    while len(out) < n:
+        r = make()
+        if key(r) not in seen:
+            seen.add(key(r))
+            out.append(r)
+    return out
+
+
 def make_out_dir(parser, path):
     """Create --out_dir, or end with the parser's one-line usage error."""
     if os.path.exists(path) and not os.path.isdir(path):

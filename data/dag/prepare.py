@@ -28,7 +28,7 @@ import string
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import make_out_dir, save_json  # noqa: E402
+from data.common import distinct_records, make_out_dir, save_json  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 
@@ -93,19 +93,14 @@ def main(argv=None):
     make_out_dir(p, args.out_dir)
     symbols = (string.ascii_lowercase + string.ascii_uppercase)[:args.symbols]
     rng = random.Random(args.seed)
-    seen = set()  # a graph in two splits would leak its answer: every question is new
+    make = lambda: make_record(rng, args.depth, tuple(args.width), args.parents, symbols)
+    seen = set()
     for split in SPLITS:
-        out = []
-        while len(out) < getattr(args, f"n_{split}"):
-            try:
-                r = make_record(rng, args.depth, tuple(args.width), args.parents, symbols)
-            except ValueError as e:
-                print(f"prepare.py: error: {e}", file=sys.stderr)
-                return 1
-            key = r["question"]
-            if key not in seen:
-                seen.add(key)
-                out.append(r)
+        try:
+            out = distinct_records(make, getattr(args, f"n_{split}"), lambda r: r["question"], seen)
+        except ValueError as e:
+            print(f"prepare.py: error: {e}", file=sys.stderr)
+            return 1
         path = os.path.join(args.out_dir, f"{split}.json")
         save_json(out, path)
         nodes = sum(len(r["idx_to_symbol"]) for r in out) / max(len(out), 1)

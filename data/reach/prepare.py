@@ -30,7 +30,7 @@ import string
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from data.common import make_out_dir, save_json  # noqa: E402
+from data.common import distinct_records, make_out_dir, save_json  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
 
@@ -174,22 +174,19 @@ def main(argv=None):
     make_out_dir(p, args.out_dir)
     rng = random.Random(args.seed)
     names, roads = make_world(rng, args.depth, args.width, args.children)
-    seen = set()  # a question in two splits would leak its answer
+    if args.branches:
+        make = lambda: make_branching_record(rng, names, roads, args.depth, args.width, args.branches,
+                                             args.hops_per_step, args.fan)
+    else:
+        make = lambda: make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step)
+    key = lambda r: (r["root"], r["target"], r["neg_target"], tuple(sorted(map(tuple, r["edges"]))))
+    seen = set()
     for split in SPLITS:
-        out = []
-        while len(out) < getattr(args, f"n_{split}"):
-            try:
-                r = (make_branching_record(rng, names, roads, args.depth, args.width, args.branches, args.hops_per_step,
-                                           args.fan)
-                     if args.branches else
-                     make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step))
-            except ValueError as e:
-                print(f"prepare.py: error: {e}", file=sys.stderr)
-                return 1
-            key = (r["root"], r["target"], r["neg_target"], tuple(sorted(map(tuple, r["edges"]))))
-            if key not in seen:
-                seen.add(key)
-                out.append(r)
+        try:
+            out = distinct_records(make, getattr(args, f"n_{split}"), key, seen)
+        except ValueError as e:
+            print(f"prepare.py: error: {e}", file=sys.stderr)
+            return 1
         path = os.path.join(args.out_dir, f"{split}.json")
         save_json(out, path)
         edges = sum(len(r["edges"]) for r in out) / max(len(out), 1)
