@@ -51,11 +51,11 @@ def batch(seqs):
     return ids, mask, labels, pos
 
 
-def naive_logits(m, ids, mask, pos):
+def naive_logits(m, ids, mask, pos, latent=LATENT):
     """The method as written in the paper: one full pass per thought, no cache."""
     gpt = m.gpt
     emb = gpt.transformer.wte(ids).clone()
-    latent_cols = [(ids[b] == LATENT).nonzero().flatten().tolist() for b in range(len(ids))]
+    latent_cols = [(ids[b] == latent).nonzero().flatten().tolist() for b in range(len(ids))]
     for i in range(max(map(len, latent_cols))):
         hidden = gpt(inputs_embeds=emb, attention_mask=mask, position_ids=pos)[2]
         for b, cols in enumerate(latent_cols):

@@ -1,6 +1,5 @@
 """The CPU demo (train.py --demo): its data (data/reach), a scaled-down demo end to end with the interface of
 out-demo/summary.json, and an interrupted demo that --demo --resume finishes to the same table and weights."""
-import importlib.util
 import json
 import os
 import re
@@ -11,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import data.reach.prepare as reach_prepare
 from interrupt import SIGNAL_HOOK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,17 +19,10 @@ SMALL = ["--demo", "--epochs", "2", "--stage_epochs", "1", "--max_latent_stage",
          "--batch_size", "8", "--threads", "1", "--log_every", "0"]
 
 
-def load_prepare():
-    spec = importlib.util.spec_from_file_location("reach_prepare", os.path.join(ROOT, "data", "reach", "prepare.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    assert load_prepare().main(["--out_dir", str(d / "reach"), "--n_train", "64", "--n_valid", "12",
+    assert reach_prepare.main(["--out_dir", str(d / "reach"), "--n_train", "64", "--n_valid", "12",
                                 "--n_test", "20"]) == 0
     return d
 
@@ -96,7 +89,7 @@ def test_reach_questions(data_dir):
 
 
 def test_reach_random_roads_and_steps_of_two_hops(tmp_path):
-    assert load_prepare().main(["--out_dir", str(tmp_path), "--branches", "0", "--depth", "4", "--width", "6",
+    assert reach_prepare.main(["--out_dir", str(tmp_path), "--branches", "0", "--depth", "4", "--width", "6",
                                 "--hops_per_step", "2", "--n_train", "40", "--n_valid", "5", "--n_test", "5"]) == 0
     records = json.load(open(tmp_path / "train.json"))
     check_reach(records, depth=4, width=6)
@@ -104,7 +97,7 @@ def test_reach_random_roads_and_steps_of_two_hops(tmp_path):
 
 
 def test_reach_bad_options(data_dir, capsys):
-    prep = load_prepare()
+    prep = reach_prepare
     with pytest.raises(SystemExit) as e:
         prep.main(["--out_dir", str(data_dir / "x"), "--open", "1.5"])
     assert e.value.code == 2 and "--open" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import curriculum as C
+import test_coconut
 from coconut import Coconut
 from gpt import GPT, GPTConfig
 from records import shortest_path_layers, tokenize
@@ -102,20 +103,15 @@ def test_coconut_runs_a_frontier_batch_like_one_pass_per_thought(tok):
         loss, logits = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], with_logits=True)
         for row, e in enumerate(exs):
             cols = b["attention_mask"][row].nonzero().flatten()
-            torch.testing.assert_close(logits[row, cols], naive_logits(gpt, e["input_ids"], tok), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[row, cols], naive_logits(model, e["input_ids"], tok), atol=1e-5, rtol=1e-5)
 
 
-def naive_logits(gpt, seq, tok):
-    """(T, V): one full pass per thought, each thought the last hidden state before it; then the whole sequence."""
-    embeds = gpt.transformer.wte(torch.tensor([seq]))
-    for col in [i for i, x in enumerate(seq) if x == tok.latent_id]:
-        _, _, hidden, _ = gpt(inputs_embeds=embeds[:, :col], position_ids=torch.arange(col)[None],
-                              attention_mask=torch.ones(1, col, dtype=torch.long), with_logits=False)
-        embeds = embeds.clone()
-        embeds[0, col] = hidden[0, -1]
-    ref, _, _, _ = gpt(inputs_embeds=embeds, position_ids=torch.arange(len(seq))[None],
-                       attention_mask=torch.ones(1, len(seq), dtype=torch.long))
-    return ref[0]
+def naive_logits(model, seq, tok):
+    """(T, V): test_coconut's reference (one full pass per thought, no cache) on one unpadded sequence."""
+    ids = torch.tensor([seq])
+    logits, _ = test_coconut.naive_logits(model, ids, torch.ones_like(ids), torch.arange(len(seq))[None],
+                                          latent=tok.latent_id)
+    return logits[0]
 
 
 def test_thought_labels_are_cots_labels(tok):
@@ -142,6 +138,6 @@ def test_thought_labels_are_cots_labels(tok):
     b = C.collate([e], pad_id=tok.pad_id, latent_id=tok.latent_id)
     with torch.no_grad():
         loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
-        ref = torch.nn.functional.cross_entropy(naive_logits(gpt, e["input_ids"], tok)[:-1], torch.tensor(e["labels"][1:]))
+        ref = torch.nn.functional.cross_entropy(naive_logits(model, e["input_ids"], tok)[:-1], torch.tensor(e["labels"][1:]))
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-6)
     assert len(t.steps) == 3 and all(len(s) == 1 for s in t.steps)  # every step a thought, every thought a label

@@ -473,10 +473,11 @@ def test_train_resume_and_sample_on_a_tiny_llama(tmp_path, capsys):
     import train
     from checkpoint import init_model, load_checkpoint
     from interrupt import SIGNAL_HOOK
-    from test_train import assert_same_weights, load_prepare, run_cli, weights
+    import data.tiny.prepare as tiny_prepare
+    from test_train import assert_same_weights, run_cli, weights
 
     data = tmp_path / "data"
-    assert load_prepare().main(["--out_dir", str(data / "tiny"), "--n_train", "24", "--n_valid", "6", "--n_test", "2",
+    assert tiny_prepare.main(["--out_dir", str(data / "tiny"), "--n_train", "24", "--n_valid", "6", "--n_test", "2",
                                 "--steps", "2", "--width", "4"]) == 0
     records = json.load(open(data / "tiny" / "train.json")) + json.load(open(data / "tiny" / "valid.json"))
     folder = str(tmp_path / "llama")

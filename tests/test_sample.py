@@ -1,7 +1,6 @@
 """sample.py: batched answers equal one-at-a-time answers, the search analysis on a hand-built graph,
 --show_thoughts against softmax(lm_head(thought)), --eval against train.py's validation, bad input."""
 import ast
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import analysis
+import data.tiny.prepare as tiny_prepare
 import sample
 import train
 from checkpoint import load_checkpoint
@@ -214,10 +214,7 @@ TINY = ["--dataset", "tiny", "--init_from", "scratch", "--n_layer", "1", "--n_he
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample")
-    spec = importlib.util.spec_from_file_location("tiny_prepare", os.path.join(ROOT, "data", "tiny", "prepare.py"))
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    assert prepare.main(["--out_dir", str(d / "data" / "tiny"), "--n_train", "400", "--n_valid", "16", "--n_test", "2",
+    assert tiny_prepare.main(["--out_dir", str(d / "data" / "tiny"), "--n_train", "400", "--n_valid", "16", "--n_test", "2",
                          "--steps", "2", "--width", "4", "--n_persons", "2"]) == 0
     assert train.main(TINY + ["--data_dir", str(d / "data"), "--out_dir", str(d / "run")]) == 0
     return d / "run"

@@ -1,7 +1,6 @@
 """train.py: a tiny run end to end, SIGKILL/Ctrl-C + --resume = an uninterrupted run bit for bit, 2 DDP
 processes = 1 process, the official answer rule, starting from OpenAI-layout safetensors (the vocabulary
 grows by 3) and from a CoT checkpoint, and the error paths (one line each)."""
-import importlib.util
 import json
 import os
 import re
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import data.tiny.prepare as tiny_prepare
 import train
 from checkpoint import init_model, load_checkpoint
 from curriculum import make_question
@@ -28,17 +28,10 @@ TINY = ["--dataset", "tiny", "--init_from", "scratch", "--n_layer", "1", "--n_he
         "--max_latent_stage", "2", "--epochs", "3", "--max_new_tokens", "24", "--threads", "1", "--log_every", "0"]
 
 
-def load_prepare():
-    spec = importlib.util.spec_from_file_location("tiny_prepare", os.path.join(ROOT, "data", "tiny", "prepare.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    assert load_prepare().main(["--out_dir", str(d / "tiny"), "--n_train", "24", "--n_valid", "6", "--n_test", "2",
+    assert tiny_prepare.main(["--out_dir", str(d / "tiny"), "--n_train", "24", "--n_valid", "6", "--n_test", "2",
                                 "--steps", "2", "--width", "4"]) == 0
     return d
 
