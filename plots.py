@@ -383,15 +383,16 @@ def plot_world(world, probs, labels, path, title="", max_cols=3):
     names, w = world["names"], world["width"]
     n_layers = len(names) // w
     xy = [(v // w, -(v % w)) for v in range(len(names))]  # layers across, nodes down
+    layer_names = [names[l * w].rstrip("0123456789") or str(l) for l in range(n_layers)]  # reach: a, b, ...
     fig, axes = _figure(plt, 1 + len(probs), "The search, thought by thought", title,
                         n_cols=min(1 + len(probs), max_cols), width=PANEL[0] * 0.8)
     gold = set(world["gold_path"])
     for i, ax in enumerate(axes):
         first = i == 0
-        for a, b in world["edges"]:
+        for a, b in world["edges"]:  # the roads in their branch's colour, faint behind the discs
             role = world["roles"][b]
-            ax.plot([xy[a][0], xy[b][0]], [xy[a][1], xy[b][1]], "-", lw=2.2 if first and role == "gold" else 1.0,
-                    color=COLORS[role] if first else "lightgray", zorder=1)
+            ax.plot([xy[a][0], xy[b][0]], [xy[a][1], xy[b][1]], "-", lw=2.2 if role == "gold" and first else 1.0,
+                    color=COLORS[role], alpha=1.0 if first else 0.25, zorder=1)
         ax.scatter([x for x, _ in xy], [y for _, y in xy], s=8, color="silver", zorder=2)
         if first:
             for v in (world["root"], world["target"], world["neg_target"]):
@@ -410,8 +411,10 @@ def plot_world(world, probs, labels, path, title="", max_cols=3):
             ax.scatter([x for x, _ in xy], [y for _, y in xy], s=[900 * max(float(q), 0.0) for q in p],
                        color=[COLORS[r] for r in world["roles"]], alpha=0.8, zorder=3,
                        edgecolor=["black" if v in gold else "none" for v in range(len(names))], lw=0.6)
-            ax.set_title(f"{labels[i - 1]}: {sum(p):.2f} on nodes", fontsize="small")
-        ax.set_xticks(range(n_layers), [names[l * w].rstrip("0123456789") or str(l) for l in range(n_layers)])
+            mass = [sum(p[l * w:(l + 1) * w]) for l in range(n_layers)]
+            top = max(range(n_layers), key=lambda l: mass[l])
+            ax.set_title(f"{labels[i - 1]}: {mass[top]:.2f} on layer {layer_names[top]}", fontsize="small")
+        ax.set_xticks(range(n_layers), layer_names)
         ax.set_yticks([])
         ax.set_xlim(-0.6, n_layers - 0.4)
         ax.set_ylim(-w + 0.4, 0.6)
