@@ -111,8 +111,9 @@ def plot_eval(rows, path, title=""):
     a1.set(xlabel="continuous thoughts", ylabel="accuracy (%)", title="questions answered correctly (%)",
            ylim=(0, 100))
     a2.plot(x, [_f(r["tokens_per_q"]) for r in rows], "s-", color="tab:orange", label="thoughts + generated tokens")
-    # from 0: 7.0 against 7.7 tokens is a tenth more, not a cliff
-    a2.set(xlabel="continuous thoughts", ylabel="thoughts + written tokens", ylim=(0, None),
+    # from 0: 7.0 against 7.7 tokens is a tenth more, not a cliff; room above the line for the legend
+    top = max([_f(r["tokens_per_q"]) for r in rows if _finite(r["tokens_per_q"])], default=1.0)
+    a2.set(xlabel="continuous thoughts", ylabel="thoughts + written tokens", ylim=(0, 1.25 * top or 1.0),
            title="tokens per question (the paper's # tokens)")
     for ax in (a1, a2):
         _integer_ticks(ax, x)  # a mean over records with fewer thoughts can be fractional: then auto ticks
@@ -220,7 +221,10 @@ def plot_superposition(tables, path, title="", split=None):
     panels += [(a, f"layer {l + 1} of {len(attention)}: attention on edges", "mean attention mass")
                for l, a in enumerate(attention)]
     n = len(panels) + (split is not None)
-    fig, axes = _figure(plt, n, "Reasoning by superposition, thought i by node group", title, n_cols=min(n, MAX_COLS))
+    what = "Reasoning by superposition, thought i by node group"
+    if split is not None:
+        what = "The search in the thoughts: inside each thought's layer, then by node group (superposition)"
+    fig, axes = _figure(plt, n, what, title, n_cols=min(n, MAX_COLS))
     if split is not None:
         _split_bars(axes[0], split, "thought")
         axes = axes[1:]

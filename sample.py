@@ -145,7 +145,7 @@ def parse_args(argv=None):
     n_sources = bool(args.question) + (args.file is not None) + (args.split is not None)
     if n_sources > 1:
         p.error("give one source of questions: --question, --file or --split (with --dataset)")
-    analyses = [k for k in ("eval", "analyze", "paths", "search") if getattr(args, k) not in (False, None)]
+    analyses = [k for k in ("eval", "analyze", "paths") if getattr(args, k)] + ["search"] * (args.search is not None)
     if len(analyses) > 1:
         p.error(f"--{analyses[0]} and --{analyses[1]} run one at a time")
     if args.search is not None and args.search < 0:
@@ -198,6 +198,8 @@ def load_model(args):
     why = None
     if args.ckpt and os.path.isdir(args.ckpt):
         raise not_a_run(args.ckpt, "--ckpt")
+    if args.out_dir and os.path.isfile(args.out_dir):
+        raise FileNotFoundError(f"--out_dir wants a run's folder: {args.out_dir} is a file (--ckpt {args.out_dir})")
     if args.ckpt or args.out_dir:
         candidates = [args.ckpt or os.path.join(args.out_dir, "best.pt")]
     else:

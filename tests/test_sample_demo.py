@@ -97,6 +97,8 @@ def test_paths_without_latent_on_cot_and_nocot(demo, monkeypatch, capsys, method
 def test_ckpt_given_a_folder(demo, monkeypatch, capsys):  # 4, 12
     code, _, err = run(demo, monkeypatch, capsys, "--ckpt", "out-demo/coconut")
     assert code == 1 and "--ckpt wants a checkpoint file" in err and "--ckpt out-demo/coconut/best.pt" in err
+    code, _, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/coconut/best.pt")
+    assert code == 1 and "--out_dir wants a run's folder" in err and "--ckpt out-demo/coconut/best.pt" in err
     for flag in ("--ckpt", "--out_dir"):
         code, _, err = run(demo, monkeypatch, capsys, flag, "out-demo")
         assert code == 1 and len(err.strip().splitlines()) == 1
@@ -219,6 +221,9 @@ def test_the_picture_of_one_question(demo, monkeypatch, capsys):
     assert code == 1 and "questions are 0..19" in err
     code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/nocot", "--split", "test", "--search", "0")
     assert code == 1 and "nocot" in err
+    with pytest.raises(SystemExit):  # question 0 is an analysis too: it needs records with answers
+        sample.parse_args(["--search", "0", "--question", "a1>b0 [Q] b0 b1 [R] a1"])
+    assert "--search needs records with answers" in capsys.readouterr().err
 
 
 def test_the_three_methods_in_one_figure(demo, monkeypatch, capsys):
