@@ -278,7 +278,7 @@ def load_questions(args, cfg):
     return records[:args.n], True
 
 
-def tokenize_all(records, tok, cfg, args):
+def tokenize_all(records, tok, cfg):
     """Each record's tokens; a word the model's vocabulary lacks is one line that shows a question it knows."""
     try:
         return [tokenize(r, tok) for r in records]
@@ -303,11 +303,11 @@ def warn_thoughts(cfg, stage, latents):
 
 
 def run(args):
-    if args.plot and plots.missing():  # before any work: no table printed, then no file, and exit 0
+    if args.plot and plots.missing():  # say so before any work, not after the tables with no file and exit 0
         raise RuntimeError(f"--plot: {plots.MISSING}")
-    if args.out_dir and not args.ckpt and not os.path.isfile(os.path.join(args.out_dir, "best.pt")) \
-            and args.plot and not (args.eval or args.analyze or args.paths or args.search is not None) \
-            and runs_inside(args.out_dir):
+    plot_alone = args.plot and not (args.eval or args.analyze or args.paths or args.search is not None)
+    if plot_alone and args.out_dir and not args.ckpt and not os.path.isfile(os.path.join(args.out_dir, "best.pt")) \
+            and runs_inside(args.out_dir):  # the demo's out-demo: its runs side by side
         return plot_methods(args)
     model, tok, ckpt, path, why = load_model(args)
     cfg = ckpt.get("config", {})
@@ -316,14 +316,14 @@ def run(args):
           f"stage {stage} (c_thought {cfg.get('c_thought', 1)}, max_latent_stage {cfg.get('max_latent_stage', 6)})")
     if why:
         print(why)
-    if args.plot and not (args.eval or args.analyze or args.paths or args.search is not None):
+    if plot_alone:
         metrics, source = run_history(path, ckpt)
         print(f"the run's {len(metrics)} epoch(s) from {source}")
         return draw(plots.plot_run, args.plot, metrics, title=f"{cfg.get('mode')} on {cfg.get('dataset')}",
                     max_latent_stage=cfg.get("max_latent_stage"))
     warn_thoughts(cfg, stage, args.latent)
     records, answered = load_questions(args, cfg)
-    tokenized = tokenize_all(records, tok, cfg, args)
+    tokenized = tokenize_all(records, tok, cfg)
     max_new = args.max_new_tokens or cfg.get("max_new_tokens") or 128
     if args.search is not None:
         return search(model, tok, records[0], tokenized[0], cfg, stage, max_new, args)
