@@ -43,16 +43,17 @@ def run(demo, monkeypatch, capsys, *argv):
 
 
 def documented_commands():
-    """Every `python sample.py ...` of README.md and docs/*.md that reads the demo's outputs (out-demo). Not
-    docs/old-demo.md: its transcripts read the first demo's out-demo, which today's --demo no longer writes."""
+    """Every `python sample.py ...` of README.md, docs/*.md and sample.py's help that reads the demo's outputs
+    (out-demo). Not docs/old-demo.md: its transcripts read the first demo's out-demo, which today's --demo no
+    longer writes."""
     found = []
     docs = [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs"))) if f.endswith(".md")]
-    for name in ["README.md"] + [d for d in docs if d != os.path.join("docs", "old-demo.md")]:
+    for name in ["README.md", "sample.py"] + [d for d in docs if d != os.path.join("docs", "old-demo.md")]:
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
-            text = f.read()
+            text = f.read() if name != "sample.py" else sample.__doc__
         for m in re.finditer(r"python sample\.py[^`\n]*", text):
             cmd = re.split(r"\s+#\s", m.group(0))[0].strip()  # a code block's comment
-            if "out-demo" in cmd:
+            if "out-demo" in cmd and cmd not in [c for _, c in found]:
                 found.append((name, cmd))
     return found
 
