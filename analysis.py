@@ -641,9 +641,9 @@ def classify_path(text, record, k=0):
          node that is not reachable from the root (the thoughts stood for the first k hops).
       4. "wrong_target": a valid chain that ends at a node other than the target (e.g. neg_target).
       5. "no_answer": a valid chain, or no step at all, but no "#" in the text: the model stopped (or ran
-         out of tokens) before it answered. (Not one of the paper's six: its models always answered.) A
-         path without its answer is not a correct path: a model asked for more thoughts than it was
-         trained with may write one last node and stop.
+         out of tokens) before it answered (an addition to the paper's six categories). A path without
+         its answer is not a correct path: a model asked for more thoughts than it was trained with may
+         write one last node and stop.
       6. Ends at the target: hops = depth(first node) + number of edges; "correct_path" if that is
          depth(target) (a shortest path), "longer_path" if more.
     """

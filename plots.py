@@ -4,8 +4,8 @@ superposition figures of Zhu, Hao et al. (2025), accuracy against thoughts, and 
 
 matplotlib is an optional extra (pip install matplotlib): it is imported inside the functions, and
 without it every plot_* function returns MISSING instead of a path and nothing raises (sample.py asks
-missing() first and stops before any work). Each function takes the rows analysis.py / train.py already produce, writes one PNG
-(any extension savefig knows) and returns its path.
+missing() first and stops before any work). Each function takes the rows analysis.py / train.py already
+produce, writes one PNG (any extension savefig knows) and returns its path.
 
     python plots.py out/metrics.jsonl     # -> out/metrics.png: losses and accuracy per epoch
 """

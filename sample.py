@@ -222,8 +222,9 @@ def load_model(args):
                                 f"or pass --out_dir or --ckpt")
     if not (args.ckpt or args.out_dir):
         run = os.path.dirname(candidates[0])
-        why = (f"the default model: {run}, the run of train.py --dataset {args.dataset or 'prosqa'}" if path == candidates[0]
-               else f"the CPU demo's Coconut, since there is no {candidates[0]} (the paper's ProsQA run)")
+        why = (f"the default model: {run}, the run of train.py --dataset {args.dataset or 'prosqa'}"
+               if path == candidates[0] else
+               f"the CPU demo's Coconut, since there is no {candidates[0]} (the paper's ProsQA run)")
         why += "; --out_dir or --ckpt chooses another"
     # load_checkpoint's errors are one line already (missing, truncated, foreign, mismatched files)
     model, tok, ckpt = load_checkpoint(path, device=resolve_device(args.device))
@@ -479,7 +480,9 @@ def layer_split(model, tok, records, tokenized, prompts, cfg, args):
               "question and the gold steps before it): the positions of Coconut's thoughts")
     else:
         print("where each thought's softmax (lm_head of the thought) goes inside its own layer: thought k is "
-              "trained to name the gold path's node of layer k")
+              "trained to name the gold path's node of layer k" +
+              ("" if model.feedback else f" (a {cfg.get('mode')} model: the output at the column before each "
+                                         f"<|latent|>, which is not fed back)"))
     print("  layer: the mass on that layer's nodes, out of the whole vocabulary; the four groups split it by the "
           "question's open roads, renormalised over the layer (they sum to 1):")
     print("  gold: the gold path's node; start: the start's other branches; other root: the other root's branches; "
@@ -490,9 +493,10 @@ def layer_split(model, tok, records, tokenized, prompts, cfg, args):
               f"{r['other_root']:10.3f} {r['unused']:6.3f}")
     n = {g: sum(r[f"n_{g}"] for r in table) / len(table) for g in analysis.LAYER_GROUPS}
     width = sum(n.values())
-    print(f"  a guess spread evenly over the layer would give {' '.join(f'{n[g] / width:.3f}' for g in analysis.LAYER_GROUPS)} "
-          f"(nodes per group: {', '.join(f'{n[g]:g}' for g in analysis.LAYER_GROUPS)}); a search puts the mass on "
-          f"gold + start")
+    even = " ".join(f"{n[g] / width:.3f}" for g in analysis.LAYER_GROUPS)
+    sizes = ", ".join(f"{n[g]:g}" for g in analysis.LAYER_GROUPS)
+    print(f"  a guess spread evenly over the layer would give {even} (nodes per group: {sizes}); a search puts "
+          f"the mass on gold + start")
     return table
 
 
@@ -613,6 +617,7 @@ def search(model, tok, rec, t, cfg, stage, max_new, args):
     if mode == "nocot":
         raise ValueError("--search shows thoughts or written steps: a nocot model has neither")
     names, n_layers = rec["idx_to_symbol"], len(rec["idx_to_symbol"]) // w
+    layer_name = lambda l: names[l * w].rstrip("0123456789") or str(l)  # reach: a, b, ...
     (pr,) = thought_prompts(tok, [t], cfg, stage, (args.latent or [None])[0])
     (out,), _ = generate_batched(model, [pr], max_new, 1)
     ok = is_correct(pr, out, rec["answer"], tok)
@@ -633,7 +638,8 @@ def search(model, tok, rec, t, cfg, stage, max_new, args):
         print(f"the other root {names[o]}'s: {branches_text(rec, o)}")
     print(f"the gold path: {' '.join(names[v] for v in analysis.gold_path(rec))}; the options "
           f"{names[rec['target']]} (the answer) and {names[rec['neg_target']]}")
-    print(f"the model writes {tok.decode(out).strip()!r}: " + ("correct" if ok else f"wrong (expected {rec['answer']!r})"))
+    print(f"the model writes {tok.decode(out).strip()!r}: " +
+          ("correct" if ok else f"wrong (expected {rec['answer']!r})"))
     tag = dict(gold="*", start="+", other_root="-", unused=".")
     print(f"each {'next step' if mode == 'cot' else 'thought'}'s softmax on the world's nodes (at least 0.01, or the "
           f"top 3; "
@@ -643,7 +649,7 @@ def search(model, tok, rec, t, cfg, stage, max_new, args):
         top = [(x, v) for i, (x, v) in enumerate(sorted(((x, v) for v, x in enumerate(p)), reverse=True))
                if x >= 0.01 or i < 3]
         layer = max(range(n_layers), key=lambda l: by_layer[l])
-        print(f"  {label}: {sum(p):.3f} on nodes, {by_layer[layer]:.3f} on layer {names[layer * w].rstrip('0123456789') or layer}: "
+        print(f"  {label}: {sum(p):.3f} on nodes, {by_layer[layer]:.3f} on layer {layer_name(layer)}: "
               + " ".join(f"{names[v]}{tag[roles[v]]} {x:.3f}" for x, v in top))
     if not args.plot:
         return 0
