@@ -437,12 +437,161 @@ def superposition_tables(model, tok, records, prompts, batch_size=32, thoughts=N
 
 
 # -----------------------------------------------------------------------------
+# Search or a layer prior? Data whose nodes are layered (data/reach): node v sits in layer v // width,
+# the roots in layer 0, and every road goes one layer down. With --thought_labels 1, thought k is trained
+# to name the layer-k node of the gold path, so the superposition groups above (optimal within frontier
+# within reachable) would come out ordered even for a model that learned only "thought k names some
+# node of layer k". What tells a search from that layer prior is where, inside the thought's own layer,
+# the mass goes: to the start's branches (which the open roads reach), or just as much to the other
+# root's branches and to the nodes no open road reaches.
+
+LAYER_GROUPS = ("gold", "start", "other_root", "unused")
+LAYER_NAMES = dict(gold="gold node", start="start's other branches", other_root="other root's branches",
+                   unused="unused nodes")
+
+
+def gold_path(record):
+    """[root, then the node each step names, in order]: the steps' symbols read as node names (a step may
+    name several nodes: reach's --hops_per_step). None when a symbol is not a node name (text data)."""
+    index = {name: v for v, name in enumerate(record["idx_to_symbol"])}
+    names = [w for s in record.get("steps", []) for w in s.split()]
+    if not names or any(n not in index for n in names):
+        return None
+    return [record["root"]] + [index[n] for n in names]
+
+
+def layer_width(record):
+    """
+    Nodes per layer when the record's nodes are layered, else None: with depth = the gold path's hops,
+    width = n_nodes / (depth + 1) must be whole, the root must be in layer 0 (node < width), every edge
+    must go from layer v // width to the next, and the path must go one layer a hop. data/reach's nodes
+    a0..a7 are layer 0, b0..b7 layer 1, and so on.
+    """
+    path = gold_path(record)
+    n = len(record["idx_to_symbol"])
+    if path is None or n % len(path):
+        return None
+    w = n // len(path)
+    if record["root"] >= w or any(b // w != a // w + 1 for a, b in record["edges"]):
+        return None
+    if [v // w for v in path] != list(range(len(path))):
+        return None
+    return w
+
+
+def layer_groups(record, layer, width):
+    """
+    The nodes of one layer in four groups, by the question's open roads (record["edges"]):
+      gold        the gold path's node in this layer (the label of thought `layer`)
+      start       the other nodes that the open roads reach from the start (its other branches)
+      other_root  the nodes that the open roads reach from another layer-0 node, and not from the start
+      unused      the rest: no open road reaches them
+    -> {group: set of nodes}; the four are disjoint and cover the layer.
+    """
+    nodes = set(range(layer * width, (layer + 1) * width))
+    kids, n = children(record), len(record["idx_to_symbol"])
+    from_start = {v for v, d in enumerate(bfs(kids, [record["root"]], n)) if d is not None}
+    others = [v for v in range(width) if v != record["root"] and kids[v]]
+    from_others = {v for v, d in enumerate(bfs(kids, others, n)) if d is not None} if others else set()
+    gold = {gold_path(record)[layer]}
+    start = (nodes & from_start) - gold
+    other = (nodes & from_others) - from_start - gold
+    return dict(gold=gold, start=start, other_root=other, unused=nodes - gold - start - other)
+
+
+def node_roles(record, width):
+    """Every node's group in its own layer (layer_groups; in layer 0 the start is "gold"): a list of LAYER_GROUPS
+    names in idx_to_symbol order, what the picture of one question colours by."""
+    roles = [None] * len(record["idx_to_symbol"])
+    for layer in range(len(roles) // width):
+        for g, nodes in layer_groups(record, layer, width).items():
+            for v in nodes:
+                roles[v] = g
+    return roles
+
+
+def layer_split(probs, record, layer, width):
+    """
+    One position, one record. probs: each node's probability (idx_to_symbol order) under a softmax over
+    the whole vocabulary (lm_head of a thought, or CoT's next-token distribution). -> dict(layer=the mass
+    on the layer's nodes, out of 1; then for each LAYER_GROUPS group its share of that mass, renormalised
+    over the layer so the four sum to 1 (0 each when the layer has no mass); n_<group>: its nodes).
+    """
+    groups = layer_groups(record, layer, width)
+    mass = {g: sum(float(probs[v]) for v in groups[g]) for g in LAYER_GROUPS}
+    total = sum(mass.values())
+    out = dict(layer=total, **{g: (mass[g] / total if total > 0 else 0.0) for g in LAYER_GROUPS})
+    out.update({f"n_{g}": len(groups[g]) for g in LAYER_GROUPS})
+    return out
+
+
+def average_splits(splits_by_position):
+    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>)], means
+    over the records (each weighs the same), in order of k."""
+    rows = []
+    for k in sorted(splits_by_position):
+        ss = splits_by_position[k]
+        row = dict(position=k, records=len(ss))
+        for key in ("layer",) + LAYER_GROUPS + tuple(f"n_{g}" for g in LAYER_GROUPS):
+            row[key] = sum(s[key] for s in ss) / len(ss) if ss else float("nan")
+        rows.append(row)
+    return rows
+
+
+def thought_positions(prompt_ids, latent_id, c_thought=1):
+    """
+    The columns of a prompt whose hidden states are the thoughts that name a step: thought j is the hidden
+    state at the column before the j-th <|latent|> (<|start-latent|>, or the question's last token when
+    the thoughts are bare), and with c thoughts a step, the first of each c carries the step's label
+    (--thought_labels 1). -> [column of step 1's thought, step 2's, ...].
+    """
+    latents = [j for j, t in enumerate(prompt_ids) if t == latent_id]
+    return [j - 1 for j in latents[::c_thought]]
+
+
+def teacher_forced(tokenized):
+    """
+    CoT's own training input, for one record: (the question and every gold step, [the column that predicts
+    step k's first token, for k = 1..]). Column k is the question's last token for k = 1; with one-token
+    steps these are exactly the columns of Coconut's bare thoughts 1, 2, ...
+    """
+    seq, cols = list(tokenized.question), []
+    for s in tokenized.steps:
+        cols.append(len(seq) - 1)
+        seq += s
+    return seq, cols
+
+
+@torch.no_grad()
+def position_node_probs(model, rows, cols, node_ids, batch_size=32):
+    """
+    rows: token id lists (prompts with <|latent|> columns are run as Coconut runs them, the thoughts fed
+    back); cols: per row, the columns to read; node_ids: per row, each node's token (node_token_ids).
+    -> per row a (len(cols), n_nodes) tensor: the softmax of lm_head over the whole vocabulary at each
+    column, read at the nodes' tokens. At the column before a <|latent|> that is the thought itself
+    decoded, softmax(lm_head(thought)).
+    """
+    out = []
+    device = next(model.parameters()).device
+    head = model.gpt.lm_head
+    for i in range(0, len(rows), batch_size):
+        b = collate(rows[i:i + batch_size], pad_id=model.eos_id, latent_id=model.latent_id)
+        hidden, _ = model.think(*(b[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")))
+        left = b["attention_mask"].argmax(1).tolist()  # each row's left padding
+        for r, (cs, ids) in enumerate(zip(cols[i:i + batch_size], node_ids[i:i + batch_size])):
+            h = hidden[r, [left[r] + c for c in cs]]  # (len(cs), C)
+            out.append(F.softmax(head(h).float(), dim=-1)[:, ids].cpu())  # (len(cs), V) -> (len(cs), n_nodes)
+    return out
+
+
+# -----------------------------------------------------------------------------
 # Reasoning paths (Coconut paper, Section 5.2 and Figure 5). After k continuous thoughts the model
 # switches back to language and writes the rest of its path, then "### " and the answer. The paper
 # sorts each output by the path it writes, which tells a right answer reached by a shortest path
 # from one reached by a longer path, a made-up edge, or a path to the other option.
 
-PATH_CATEGORIES = ("correct_path", "longer_path", "hallucination", "wrong_target", "correct_label", "incorrect_label")
+PATH_CATEGORIES = ("correct_path", "longer_path", "hallucination", "wrong_target", "correct_label", "incorrect_label",
+                   "no_answer")
 SENTENCE = re.compile(r"(?:[Ee]very\s+)?(\S+)\s+is\s+an?\s+(\S+)")  # "X is a Y" / "Every X is a Y"
 
 
@@ -491,9 +640,12 @@ def classify_path(text, record, k=0):
          is not in the graph, a chain that is not connected (each X must be the previous Y), or a first
          node that is not reachable from the root (the thoughts stood for the first k hops).
       4. "wrong_target": a valid chain that ends at a node other than the target (e.g. neg_target).
-      5. Ends at the target: hops = depth(first node) + number of edges; "correct_path" if that is
+      5. "no_answer": a valid chain, or no step at all, but no "#" in the text: the model stopped (or ran
+         out of tokens) before it answered (an addition to the paper's six categories). A path without
+         its answer is not a correct path: a model asked for more thoughts than it was trained with may
+         write one last node and stop.
+      6. Ends at the target: hops = depth(first node) + number of edges; "correct_path" if that is
          depth(target) (a shortest path), "longer_path" if more.
-    Text without any "#" is all path (the answer never came).
     """
     cut = text.rfind("#")
     before = (text[:cut] if cut >= 0 else text).replace("#", " ")
@@ -501,7 +653,10 @@ def classify_path(text, record, k=0):
     if parsed is None:
         return "hallucination"
     first, edges = parsed
+    answered = cut >= 0
     if first is None:  # no step: the model answered directly
+        if not answered:
+            return "no_answer"
         answer = text.split("#")[-1].replace(",", "").strip()
         return "correct_label" if answer == record["answer"].replace(",", "").strip() else "incorrect_label"
     graph = {tuple(e) for e in record["edges"]}
@@ -510,6 +665,8 @@ def classify_path(text, record, k=0):
         return "hallucination"
     if any(x != y_prev for (_, y_prev), (x, _) in zip(edges, edges[1:])):
         return "hallucination"  # not connected
+    if not answered:
+        return "no_answer"
     end = edges[-1][1] if edges else first
     if end != record["target"]:
         return "wrong_target"

@@ -48,8 +48,12 @@ def load_split(data_dir, dataset, split):
     """<data_dir>/<dataset>/<split>.json: a prepared data set of this project, or any folder of the user's."""
     path = os.path.join(data_dir, dataset, f"{split}.json")
     if not os.path.isfile(path):
-        ours = os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset, "prepare.py"))
-        how = (f"make it with `python data/{dataset}/prepare.py`" if ours else
+        home = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+        ours = os.path.isfile(os.path.join(home, "prepare.py"))
+        # the script writes beside itself unless told where: the command must make the file where it is looked for
+        there = "" if os.path.realpath(os.path.join(data_dir, dataset)) == os.path.realpath(home) else \
+            f" --out_dir {os.path.join(data_dir, dataset)}"
+        how = (f"make it with `python data/{dataset}/prepare.py{there}`" if ours else
                'put a JSON list of {"question", "steps", "answer"} records there')
         raise FileNotFoundError(f"{path} not found: {how}")
     records = load_records(path)

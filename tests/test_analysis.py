@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -330,6 +331,75 @@ def test_superposition_needs_one_token_per_node():
 
 
 # -----------------------------------------------------------------------------
+# Search or a layer prior (layered data: data/reach)
+
+# A hand-made reach record: 3 layers of 4 nodes, a0..a3 (0-3), b0..b3 (4-7), c0..c3 (8-11). The start a1 opens
+# two branches, a1>b0>c2 (the gold one: c2 is the target) and a1>b3>c0; the other root a2 one, a2>b1>c3 (c3 the
+# other option). No open road reaches b2 and c1; a0 and a3 open none.
+REACH = dict(question="a1>b0 b0>c2 a1>b3 b3>c0 a2>b1 b1>c3 [Q] c2 c3 [R] a1", steps=["b0", "c2"], answer="c2",
+             idx_to_symbol=["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3", "c0", "c1", "c2", "c3"],
+             edges=[[1, 4], [4, 10], [1, 7], [7, 8], [2, 5], [5, 11]], root=1, target=10, neg_target=11)
+
+
+def test_layer_groups_by_hand():
+    assert A.gold_path(REACH) == [1, 4, 10] and A.layer_width(REACH) == 4
+    assert A.layer_groups(REACH, 1, 4) == dict(gold={4}, start={7}, other_root={5}, unused={6})
+    assert A.layer_groups(REACH, 2, 4) == dict(gold={10}, start={8}, other_root={11}, unused={9})
+    assert A.layer_groups(REACH, 0, 4) == dict(gold={1}, start=set(), other_root={2}, unused={0, 3})
+    assert A.node_roles(REACH, 4) == ["unused", "gold", "other_root", "unused", "gold", "other_root", "unused",
+                                      "start", "start", "unused", "gold", "other_root"]
+    # not layered: text steps (ProsQA), an edge that skips a layer, a start outside layer 0, steps off the layers
+    assert A.gold_path(GRAPH) is None and A.layer_width(GRAPH) is None
+    assert A.layer_width(dict(REACH, edges=REACH["edges"] + [[0, 9]])) is None
+    assert A.layer_width(dict(REACH, root=4, steps=["c2"])) is None
+    assert A.layer_width(dict(REACH, steps=["b0", "b3"])) is None
+    # two nodes a step (reach's --hops_per_step 2): the path reads through both
+    two = dict(REACH, steps=["b0 c2"])
+    assert A.gold_path(two) == [1, 4, 10] and A.layer_width(two) == 4
+
+
+def test_layer_split_by_hand():
+    # thought 1's probabilities on the 12 nodes (the rest of its softmax is on other tokens)
+    p = [0.01, 0.0, 0.0, 0.0, 0.3, 0.05, 0.05, 0.4, 0.02, 0.0, 0.0, 0.0]
+    s = A.layer_split(p, REACH, 1, 4)
+    assert s["layer"] == pytest.approx(0.8)  # b0 + b1 + b2 + b3: the layer's share of the whole softmax
+    assert (s["gold"], s["start"], s["other_root"], s["unused"]) == pytest.approx((0.375, 0.5, 0.0625, 0.0625))
+    assert (s["n_gold"], s["n_start"], s["n_other_root"], s["n_unused"]) == (1, 1, 1, 1)
+    empty = A.layer_split([0.0] * 12, REACH, 2, 4)  # no mass on the layer: shares 0, not nan
+    assert empty["layer"] == 0 and all(empty[g] == 0 for g in A.LAYER_GROUPS)
+    rows = A.average_splits({1: [s, A.layer_split([0.0] * 4 + [1.0, 0, 0, 0] + [0.0] * 4, REACH, 1, 4)], 2: [empty]})
+    assert [r["position"] for r in rows] == [1, 2] and [r["records"] for r in rows] == [2, 1]
+    assert rows[0]["gold"] == pytest.approx((0.375 + 1.0) / 2) and rows[0]["layer"] == pytest.approx(0.9)
+    assert rows[0]["start"] == pytest.approx(0.25)
+
+
+@torch.no_grad()
+def test_position_node_probs_read_the_thoughts_and_cots_next_steps():
+    tok = symbol_tokenizer([REACH])
+    model = Coconut(tiny_gpt(tok.vocab_size, seed=3), tok.latent_id, tok.start_id, tok.end_id, tok.eos_id).eval()
+    nodes = A.node_token_ids(REACH, tok)
+    q = tok.encode(REACH["question"])
+    # bare thoughts (the demo's format), two prompts of different lengths in one batch (left padding)
+    prompts = [q + [tok.latent_id] * 2, q[6:] + [tok.latent_id] * 3]
+    cols = [A.thought_positions(p, tok.latent_id) for p in prompts]
+    assert cols == [[len(q) - 1, len(q)], [len(q) - 7, len(q) - 6, len(q) - 5]]
+    assert A.thought_positions(q + [tok.start_id] + [tok.latent_id] * 4 + [tok.end_id], tok.latent_id, 2) == \
+        [len(q), len(q) + 2]  # with markers thought 1 is <start>'s; c = 2: the first of each pair
+    got = A.position_node_probs(model, prompts, cols, [nodes, nodes], batch_size=2)
+    _, thoughts = generate_batched(model, prompts, 1)
+    for g, th in zip(got, thoughts):
+        want = F.softmax(model.gpt.lm_head(th), -1)[:, nodes]  # "decode the thought"
+        assert g.shape == want.shape and torch.allclose(g, want, atol=1e-5)
+    # CoT's training input: the question and every step; the columns that predict the steps
+    t = SimpleNamespace(question=q, steps=[tok.encode(s) for s in REACH["steps"]])
+    row, cs = A.teacher_forced(t)
+    assert row == q + tok.encode("b0 c2") and cs == [len(q) - 1, len(q)]
+    (got,) = A.position_node_probs(model, [row, row[:-1]], [cs, cs[:1]], [nodes, nodes], batch_size=2)[:1]
+    logits = model.gpt(torch.tensor([row]))[0][0]  # (T, V), one plain pass
+    assert torch.allclose(got, F.softmax(logits[cs], -1)[:, nodes], atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
 # Reasoning paths (Coconut Figure 5)
 
 def text(*steps, answer="Tom is a dorpus."):
@@ -342,7 +412,7 @@ def test_classify_path_hand_built_sentences():
     assert c(text("Tom is a alpus.", "Every alpus is a gorpus.", "Every gorpus is a dorpus.")) == "correct_path"
     assert c(text("Every bempus is a cimpus.", "Every cimpus is a dorpus."), k=1) == "correct_path"
     assert c(text("Every gorpus is a dorpus."), k=2) == "correct_path"
-    assert c("Tom is a alpus. Every alpus is a cimpus. Every cimpus is a dorpus.") == "correct_path"  # no answer yet
+    assert c("Tom is a alpus. Every alpus is a cimpus. Every cimpus is a dorpus.") == "no_answer"  # never answered
     assert c(text("Tom is a bempus.", "Every bempus is a fumpus.", "Every fumpus is a gorpus.",
                   "Every gorpus is a dorpus.")) == "longer_path"
     assert c(text("Every fumpus is a gorpus.", "Every gorpus is a dorpus."), k=1) == "longer_path"  # 2 + 2 hops
@@ -357,7 +427,9 @@ def test_classify_path_hand_built_sentences():
     assert c(text(), k=6) == "correct_label"
     assert c(text(answer="Tom is a, dorpus.")) == "correct_label"  # the official rule drops commas
     assert c(text(answer="Tom is a erpus.")) == "incorrect_label"
-    assert c("nothing useful") == "hallucination"
+    assert c("nothing useful") == "hallucination"  # an invented path is one, answered or not
+    assert c("Tom is a alpus. Every alpus is a zorpus.") == "hallucination"
+    assert c("") == "no_answer"
 
 
 def test_classify_path_symbolic():
@@ -375,6 +447,9 @@ def test_classify_path_symbolic():
     assert c("alpus cimpus ### dorpus") == "wrong_target"
     assert c("### dorpus") == "correct_label"
     assert c("### erpus", k=4) == "incorrect_label"
+    # after more thoughts than the path has hops: the last node alone, no answer marker (issue 23's k = 6 row)
+    assert c("dorpus", k=6) == "no_answer" and c("alpus cimpus dorpus") == "no_answer"
+    assert c("dorpus ### dorpus", k=2) == "correct_path"
     # node symbols "0".."9" (data/prosqa_graph), through the symbol tokenizer's encode/decode as generated
     num = dict(SYM, idx_to_symbol=[str(i) for i in range(10)], answer="5")
     num["question"] = graph_question(num)
@@ -456,7 +531,7 @@ def test_path_table():
     rows = A.path_table(labels, correct)
     assert [r["k"] for r in rows] == [0, 1]
     assert rows[0] == dict(k=0, n=4, acc=0.75, correct_path=0.5, longer_path=0.25, hallucination=0.25,
-                           wrong_target=0.0, correct_label=0.0, incorrect_label=0.0)
+                           wrong_target=0.0, correct_label=0.0, incorrect_label=0.0, no_answer=0.0)
     assert rows[1]["correct_label"] == 0.5 and rows[1]["incorrect_label"] == 0.5 and rows[1]["acc"] == 0.5
     for r in rows:
         assert sum(r[c] for c in A.PATH_CATEGORIES) == pytest.approx(1.0)

@@ -48,6 +48,11 @@ def mpl():
     pytest.importorskip("matplotlib")
 
 
+# The hand-made reach record of test_analysis: 3 layers of 4 nodes, the start a1's branches a1>b0>c2 (gold) and
+# a1>b3>c0, the other root a2's a2>b1>c3
+from tests.test_analysis import REACH  # noqa: E402
+
+
 # -----------------------------------------------------------------------------
 # With matplotlib
 
@@ -113,6 +118,34 @@ def test_plot_superposition(mpl, tmp_path):
               plots.MAX_COLS, n_rows=math.ceil(5 / plots.MAX_COLS))
 
 
+def test_plot_layer_split_and_methods(mpl, tmp_path):
+    s = A.layer_split([0.0, 0.0, 0.0, 0.0, 0.3, 0.05, 0.05, 0.4, 0.0, 0.0, 0.5, 0.0], REACH, 1, 4)
+    rows = A.average_splits({1: [s], 2: [A.layer_split([0.0] * 10 + [0.9, 0.1], REACH, 2, 4)], 3: []})  # 3: nan
+    out = str(tmp_path / "split.png")
+    assert plots.plot_layer_split(rows, out, title="tiny", what="step") == out
+    check_png(out, 1, width=plots.PANEL[0] * 1.2)
+    run = lambda accs: [dict(epoch=e + 1, stage=e, val_acc=a) for e, a in enumerate(accs)]
+    runs = {"Coconut": run([0.5, 0.7, 0.9]), "CoT": run([0.5, 0.6, None]), "No-CoT": run([0.5, 0.5, 0.5])}
+    out = str(tmp_path / "demo.png")
+    assert plots.plot_methods(runs, out, title="out-demo") == out
+    check_png(out, 1, width=plots.PANEL[0] * 1.4)
+
+
+def test_plot_world(mpl, tmp_path, monkeypatch):
+    world = dict(names=REACH["idx_to_symbol"], width=4, edges=REACH["edges"], roles=A.node_roles(REACH, 4),
+                 gold_path=A.gold_path(REACH), root=1, target=10, neg_target=11)
+    probs = [[0.0] * 4 + [0.45, 0.0, 0.0, 0.45] + [0.0] * 4, [0.0] * 8 + [0.1, 0.0, 0.8, 0.0]]
+    out = str(tmp_path / "world.png")
+    assert plots.plot_world(world, probs, ["thought 1", "thought 2"], out, title="hand-made") == out
+    check_png(out, 3, width=plots.PANEL[0] * 0.8)  # the question, then one panel per thought
+    axes = drawn(monkeypatch, plots.plot_world, world, probs, ["thought 1", "thought 2"])
+    assert [ax.get_title() for ax in axes] == ["the question: start (circle), options (squares)",
+                                               "thought 1: 0.90 on layer b", "thought 2: 0.90 on layer c"]
+    discs = axes[2].collections[-1]  # thought 2's discs: area = 900 x the node's probability
+    assert list(discs.get_sizes()) == pytest.approx([900 * q for q in probs[1]])
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["a", "b", "c"]
+
+
 def test_plot_run(mpl, tmp_path):
     metrics = []
     for e in range(1, 10):
@@ -128,12 +161,12 @@ def test_plot_run(mpl, tmp_path):
     check_png(plots.plot_run([], str(tmp_path / "none.png")), 2)  # an empty metrics.jsonl
 
 
-def drawn(monkeypatch, fn, *args):
-    """The figure fn would save, kept open for its data: its axes."""
+def drawn(monkeypatch, fn, *data, **kw):
+    """The figure fn would save, kept open for its data: its axes (secondary axes are children of theirs)."""
     figs = []
     monkeypatch.setattr(plots, "_save", lambda plt, fig, path: figs.append(fig) or path)
-    fn(*args, "unused.png")
-    return figs[0].axes
+    fn(*data, "unused.png", **kw)
+    return [ax for ax in figs[0].axes if ax.get_label() != "secondary"]
 
 
 def test_plot_run_data(mpl, monkeypatch):
@@ -151,14 +184,34 @@ def test_plot_run_data(mpl, monkeypatch):
     train_line, val_line = curves(loss)
     assert list(train_line.get_xdata()) == list(range(1, 35))
     assert list(val_line.get_ydata()) == pytest.approx([3.5 / e for e in range(1, 35)])
-    stages = [t.get_text().strip() for t in acc.texts]
-    assert stages == [f"stage {k}" for k in range(7)]  # where each stage starts, once
-    # and the accuracy against thoughts: 0-100% too
-    rows = [dict(thoughts=k, acc=0.5 + 0.001 * k, tokens_per_q=10 - k) for k in range(4)]
+    assert len(acc.texts) == 0  # nothing written over the curves: the stages are named on an axis above
+    assert stage_labels(acc) == [str(k) for k in range(7)]  # each stage once, M unknown
+    # with the run's M: every stage past it trains the same thoughts, one span called "all" (issue 23, item 11)
+    _, acc = drawn(monkeypatch, plots.plot_run, metrics, max_latent_stage=4)
+    assert stage_labels(acc) == ["0", "1", "2", "3", "4", "all"] and "past 4" in top_axis(acc).get_xlabel()
+    assert plots.stage_spans(metrics, 4)[-1] == (25.5, 34.5, "all")  # epochs 26-34: stages 5 and 6
+    assert len([l for l in acc.get_lines() if l.get_label().startswith("_")]) == 5  # a dashed line per change
+    # and the accuracy against thoughts: 0-100% too, the tokens from 0 (7.0 against 7.7 is no cliff), titles whole
+    rows = [dict(thoughts=k, acc=0.5 + 0.001 * k, tokens_per_q=7 + 0.1 * k) for k in range(4)]
     a1, a2 = drawn(monkeypatch, plots.plot_eval, rows)
     assert a1.get_ylim() == (0.0, 100.0) and a1.get_title() == "questions answered correctly (%)"
     assert list(a1.get_lines()[0].get_ydata()) == pytest.approx([50.0, 50.1, 50.2, 50.3])
-    assert "tokens per question" in a2.get_title()
+    assert "tokens per question" in a2.get_title() and a2.get_ylim()[0] == 0
+    fig = a1.figure
+    fig.canvas.draw()
+    width = fig.bbox.width
+    for ax in (a1, a2):
+        box = ax.title.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= width, ax.get_title()  # inside the figure: not cut off
+
+
+def top_axis(ax):
+    (top,) = [c for c in ax.child_axes]  # the secondary x axis that names the stages
+    return top
+
+
+def stage_labels(ax):
+    return [t.get_text() for t in top_axis(ax).get_xticklabels()]
 
 
 def test_cli_plots_metrics_jsonl(mpl, tmp_path, monkeypatch, capsys):
@@ -184,6 +237,11 @@ CALLS = [
     lambda p: plots.plot_paths(A.path_table({0: ["correct_path"]}, {0: [True]}), p),
     lambda p: plots.plot_superposition(dict(inner={1: dict(frontier=(1.0, 1))}, attention=[]), p),
     lambda p: plots.plot_run([dict(epoch=1, stage=0, train_loss=1.0, val_loss=1.0)], p),
+    lambda p: plots.plot_methods({"CoT": [dict(epoch=1, stage=0, val_acc=0.5)]}, p),
+    lambda p: plots.plot_layer_split(A.average_splits({1: [A.layer_split([0.1] * 12, REACH, 1, 4)]}), p),
+    lambda p: plots.plot_world(dict(names=REACH["idx_to_symbol"], width=4, edges=REACH["edges"],
+                                    roles=A.node_roles(REACH, 4), gold_path=[1, 4, 10], root=1, target=10,
+                                    neg_target=11), [[0.1] * 12], ["thought 1"], p),
 ]
 
 
@@ -193,7 +251,7 @@ def test_without_matplotlib_every_function_returns_missing(monkeypatch, tmp_path
         monkeypatch.setitem(sys.modules, name, None)
     for i, call in enumerate(CALLS):
         assert call(str(tmp_path / f"{i}.png")) == plots.MISSING
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == [] and plots.missing()
 
 
 def test_plots_imports_without_matplotlib():

@@ -310,9 +310,11 @@ def test_plot_alone_draws_the_whole_run(run_dir, tmp_path, monkeypatch, capsys):
     rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = []
-    monkeypatch.setattr(sample.plots, "plot_run", lambda metrics, path, title="": got.append(metrics) or path)
+    monkeypatch.setattr(sample.plots, "plot_run", lambda metrics, path, title="", max_latent_stage=None:
+                        got.append(metrics) or ms.append(max_latent_stage) or path)
+    ms = []
     assert sample.main(["--out_dir", str(d), "--plot", str(tmp_path / "run.png")]) == 0
-    assert got == [rows] and len(rows) == 3
+    assert got == [rows] and len(rows) == 3 and ms == [2]  # the run's M: its stages past 2 are "all"
     assert f"the run's 3 epoch(s) from {d / 'metrics.jsonl'}" in capsys.readouterr().out
     (d / "metrics.jsonl").unlink()  # without it: the checkpoint's own list, and the line says so
     assert sample.main(["--out_dir", str(d), "--plot", str(tmp_path / "run.png")]) == 0
