@@ -193,7 +193,7 @@ def test_the_layer_split_of_coconut_and_cot(demo, monkeypatch, capsys):
     code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/cot", "--split", "test", "--analyze")
     assert code == 0, err
     cot = split_rows(out)
-    assert sorted(coconut) == [1] and sorted(cot) == [1, 2, 3, 4, 5]  # 1 thought; CoT writes all 5 steps
+    assert sorted(coconut) == [1] and sorted(cot) == [1, 2, 3, 4]  # 1 thought; CoT writes all 4 steps
     for row in list(coconut.values()) + list(cot.values()):
         assert 0 < row[0] <= 1 and sum(row[1:]) == pytest.approx(1.0, abs=3e-3)  # the layer's mass; shares sum to 1
     # the printed numbers are analysis.layer_split's, averaged: recompute CoT's step 1 by hand, one record at a time
@@ -217,7 +217,7 @@ def test_the_picture_of_one_question(demo, monkeypatch, capsys):
     assert code == 0, err
     rec = json.load(open(demo / "data" / "reach" / "test.json"))[3]
     assert f"question 3 of test: {rec['question']}" in out and "wrote cot.png" in out
-    assert len(re.findall(r"^  step \d \(teacher-forced\): ", out, re.M)) == 5
+    assert len(re.findall(r"^  step \d \(teacher-forced\): ", out, re.M)) == len(rec["steps"]) == 4
     code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/coconut", "--split", "test", "--search", "99")
     assert code == 1 and "questions are 0..19" in err
     code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/nocot", "--split", "test", "--search", "0")
