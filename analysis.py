@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
-from curriculum import collate, prompt
+from curriculum import collate, make_example, prompt, removed_steps
 from evaluate import generate_batched
 from records import bfs
 
@@ -582,6 +582,64 @@ def position_node_probs(model, rows, cols, node_ids, batch_size=32):
             h = hidden[r, [left[r] + c for c in cs]]  # (len(cs), C)
             out.append(F.softmax(head(h).float(), dim=-1)[:, ids].cpu())  # (len(cs), V) -> (len(cs), n_nodes)
     return out
+
+
+# -----------------------------------------------------------------------------
+# Where the loss is: the training sequence at the checkpoint's stage, teacher-forced, its loss split by the
+# piece each label belongs to. On the demo's data a chain of thought pays for its first step (a guess among
+# the start's branches) and for nothing after it; a chain written backward pays for nothing but the answer.
+
+def pieces(tokenized, example, tok, cfg, stage):
+    """
+    The name of every labelled token of a training example (curriculum.make_example at `stage`), in order:
+    "thought j" (a removed step's label kept on its thought, --thought_labels), "step j" (j counts the
+    record's steps from 1), "###" (the answer marker), "answer", "end" (<|endoftext|>).
+    """
+    n_labels = sum(x != -100 for x in example["labels"])
+    a = list(tokenized.answer)
+    marker = tok.encode("###")
+    names = ["###" if a[:len(marker)] == marker and i < len(marker) else "end" if i == len(a) - 1 else "answer"
+             for i in range(len(a))]
+    skip = 0
+    if cfg.get("mode", "coconut") not in ("cot", "nocot"):
+        skip, _ = removed_steps(stage, len(tokenized.steps), cfg.get("max_latent_stage", 6),
+                                cfg.get("pad_latent_to_max", True))
+    if cfg.get("mode") == "nocot":
+        skip = len(tokenized.steps)
+    for j in range(len(tokenized.steps) - 1, skip - 1, -1):
+        names = [f"step {j + 1}"] * len(tokenized.steps[j]) + names
+    thoughts = [f"thought {j + 1}" for j in range(n_labels - len(names))]
+    return thoughts + names
+
+
+@torch.no_grad()
+def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
+    """
+    Teacher-forced cross-entropy (nats) and accuracy (the argmax is the label) of every labelled token of
+    the training sequences at `stage`, made as train.py makes them (the checkpoint's mode, c_thought,
+    markers, thought_labels), averaged by piece (pieces()). -> [(piece, mean loss, accuracy, tokens)] in
+    the order the pieces first appear.
+    """
+    examples = [make_example(t, stage, cfg.get("mode", "coconut"), cfg.get("c_thought", 1),
+                             cfg.get("max_latent_stage", 6), cfg.get("pad_latent_to_max", True), 0.0, None, tok,
+                             bool(cfg.get("markers", 1)), bool(cfg.get("thought_labels", 0))) for t in tokenized]
+    device = next(model.parameters()).device
+    sums = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        b = {k: v.to(device) for k, v in collate(chunk, pad_id=tok.pad_id, latent_id=tok.latent_id).items()}
+        _, logits = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], with_logits=True)
+        targets = b["labels"][:, 1:]
+        losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
+        hits = logits[:, :-1].argmax(-1) == targets
+        for r, (t, e) in enumerate(zip(tokenized[i:i + batch_size], chunk)):
+            cols = (targets[r] != -100).nonzero().flatten().tolist()
+            for name, c in zip(pieces(t, e, tok, cfg, stage), cols):
+                acc = sums.setdefault(name, [0.0, 0, 0])
+                acc[0] += losses[r, c].item()
+                acc[1] += int(hits[r, c])
+                acc[2] += 1
+    return [(name, total / n, right / n, n) for name, (total, right, n) in sums.items()]
 
 
 # -----------------------------------------------------------------------------

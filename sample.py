@@ -126,6 +126,9 @@ def parse_args(argv=None):
     what.add_argument("--paths", action="store_true",
                       help="the paper's Figure 5: the reasoning path written after k thoughts, by type (default k: "
                            "0 .. max_latent_stage; 0 for CoT and No-CoT)")
+    what.add_argument("--losses", action="store_true",
+                      help="the training sequence at the checkpoint's stage, teacher-forced: its loss and accuracy by "
+                           "piece (each thought's label, each step, the answer marker, the answer)")
     what.add_argument("--search", type=int, default=None, metavar="I",
                       help="layered data (the demo's reach): question I of the split (from 0), each thought's "
                            "probability on every node of the world (CoT: its next node, teacher-forced); with "
@@ -145,7 +148,8 @@ def parse_args(argv=None):
     n_sources = bool(args.question) + (args.file is not None) + (args.split is not None)
     if n_sources > 1:
         p.error("give one source of questions: --question, --file or --split (with --dataset)")
-    analyses = [k for k in ("eval", "analyze", "paths") if getattr(args, k)] + ["search"] * (args.search is not None)
+    analyses = [k for k in ("eval", "analyze", "paths", "losses") if getattr(args, k)] + \
+        ["search"] * (args.search is not None)
     if len(analyses) > 1:
         p.error(f"--{analyses[0]} and --{analyses[1]} run one at a time")
     if args.search is not None and args.search < 0:
@@ -306,7 +310,7 @@ def warn_thoughts(cfg, stage, latents):
 def run(args):
     if args.plot and plots.missing():  # say so before any work, not after the tables with no file and exit 0
         raise RuntimeError(f"--plot: {plots.MISSING}")
-    plot_alone = args.plot and not (args.eval or args.analyze or args.paths or args.search is not None)
+    plot_alone = args.plot and not (args.eval or args.analyze or args.paths or args.losses or args.search is not None)
     if plot_alone and args.out_dir and not args.ckpt and not os.path.isfile(os.path.join(args.out_dir, "best.pt")) \
             and runs_inside(args.out_dir):  # the demo's out-demo: its runs side by side
         return plot_methods(args)
@@ -335,6 +339,8 @@ def run(args):
         return paths(model, tok, records, tokenized, cfg, max_new, args)
     if args.eval:
         return evaluate_latents(model, tok, records, tokenized, cfg, stage, max_new, args)
+    if args.losses:
+        return losses(model, tok, tokenized, cfg, stage)
 
     prompts = [prompt(t, cfg, stage, tok, (args.latent or [None])[0]) for t in tokenized]
     outs, thoughts = generate_batched(model, prompts, max_new, args.batch_size)
@@ -392,6 +398,16 @@ def evaluate_latents(model, tok, records, tokenized, cfg, stage, max_new, args):
               f"{r['seconds_per_question']:8.4f}")
         rows.append(dict(thoughts=r["mean_thoughts"], acc=r["acc"], tokens_per_q=r["mean_thoughts"] + r["mean_new_tokens"]))
     return draw(plots.plot_eval, args.plot, rows) if args.plot else 0
+
+
+def losses(model, tok, tokenized, cfg, stage):
+    """--losses: where a model's training loss is, piece by piece (analysis.piece_losses)."""
+    print(f"the training sequences at stage {stage}, teacher-forced: loss (nats) and accuracy (the argmax is the "
+          f"label) of each piece")
+    print(f"{'piece':>10} {'loss':>8} {'accuracy':>9} {'tokens':>7}")
+    for name, loss, acc, n in analysis.piece_losses(model, tok, tokenized, cfg, stage):
+        print(f"{name:>10} {loss:8.4f} {100 * acc:8.2f}% {n:7d}")
+    return 0
 
 
 def paths(model, tok, records, tokenized, cfg, max_new, args):
