@@ -65,10 +65,12 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def checkpoint_body(model, tok, config, **progress):
-    """What best.pt holds (ckpt.pt adds the optimizer and the random states)."""
+def checkpoint_body(model, tok, config, weights=None, **progress):
+    """What best.pt holds (ckpt.pt adds the optimizer and the random states). weights: the GPT's state dict
+    when model.gpt.state_dict() would not give whole tensors (FSDP's slices: parallel.whole_state)."""
     arch = "llama" if isinstance(model.gpt, Llama) else "gpt2"
-    return dict(format=CKPT_FORMAT, arch=arch, model=model.gpt.state_dict(), model_args=dataclasses.asdict(model.gpt.config),
+    weights = model.gpt.state_dict() if weights is None else weights
+    return dict(format=CKPT_FORMAT, arch=arch, model=weights, model_args=dataclasses.asdict(model.gpt.config),
                 coconut=dict(feedback=model.feedback), tokenizer=tok.to_dict(), config=dict(config), **progress)
 
 
