@@ -25,8 +25,20 @@ Weights are random (the timings do not depend on them); batches are real ProsQA 
 
     python bench.py --superposition /path/to/reasoning-by-superposition   # theirs needs transformers
     python bench.py --superposition ours                                  # our side alone
+
+(d) --fsdp N: N processes under torchrun (gloo on a CPU, nccl on GPUs), the same Coconut optimizer step three
+    ways: train.py --fsdp (parallel.py: each group's weights gathered once per step), fully_shard's default
+    (a block's weights gathered for each call and freed after it, in the backward too) and DDP. It prints
+    the all-gathers and reduce-scatters per step of both FSDPs, their step time against DDP's (interleaved in
+    the same processes) and what each process holds. The batch is random tokens in Coconut's layout (with
+    --thoughts thoughts in every sequence: the default would hang on processes with different numbers).
+    It runs alone.
+
+    python bench.py --fsdp 2 --sizes small --threads 1      # 2 CPU processes
+    torchrun-free: bench.py starts torchrun itself; on GPUs: python bench.py --fsdp 8 --device cuda --dtype bfloat16
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -48,7 +60,8 @@ from gpt import GPT, GPTConfig
 from records import graph_question, load_records, tokenize
 from tokenizer import gpt2_tokenizer, symbol_tokenizer
 
-SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=4, n_head=4, n_embd=256)}
+SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=4, n_head=4, n_embd=256),
+         "tiny": dict(n_layer=2, n_head=2, n_embd=32)}  # tiny: the tests
 
 
 def sync(device):
@@ -223,6 +236,118 @@ def bench_memory(args):
     if len(rows) == 2:
         line += f" -> {100 * (1 - rows['after']['peak_gb'] / rows['before']['peak_gb']):.0f}% less"
     print(line, flush=True)
+
+
+def fsdp_batch(args, vocab, seed):
+    """A micro-batch of random tokens in Coconut's layout: 24 question tokens, <|start-latent|>, --thoughts
+    <|latent|>, <|end-latent|>, 16 answer tokens with labels; every row alike (the timings depend on shapes only)."""
+    latent, start, end = vocab - 1, vocab - 2, vocab - 3
+    g = torch.Generator().manual_seed(seed)
+    q, a = torch.randint(0, vocab - 3, (args.fsdp_batch, 24), generator=g), torch.randint(0, vocab - 3, (args.fsdp_batch, 16), generator=g)
+    col = lambda t: torch.full((args.fsdp_batch, 1), t)
+    ids = torch.cat([q, col(start), col(latent).expand(-1, args.thoughts), col(end), a], dim=1)  # (B, L)
+    labels = torch.full_like(ids, -100)
+    labels[:, -a.size(1):] = a
+    pos = torch.arange(ids.size(1)).expand_as(ids)
+    return [t.to(args.device) for t in (ids, torch.ones_like(ids), labels, pos)]
+
+
+def fsdp_child(args):
+    """One process of bench_fsdp: the three ways of one size, timed interleaved; rank 0 prints one JSON line."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import parallel
+    rank, local_rank, world = parallel.setup()
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or 1)
+    # the collectives that fully_shard calls (torch.distributed.all_gather_single and reduce_scatter_single in
+    # torch 2.13), counted
+    counts = Counter()
+
+    def counted(name, fn):
+        def call(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return call
+    dist.all_gather_single = counted("all_gather", dist.all_gather_single)
+    dist.reduce_scatter_single = counted("reduce_scatter", dist.reduce_scatter_single)
+    size, vocab = args.sizes[0], 50260
+    batches = [fsdp_batch(args, vocab, 1000 * rank + j) for j in range(args.fsdp_micro)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    runs = {}
+    for way in ("ours", "default", "DDP"):
+        torch.manual_seed(0)
+        model = Coconut(GPT(GPTConfig(**SIZES[size], vocab_size=vocab)), vocab - 1, vocab - 2, vocab - 3, 0)
+        if way == "ours":
+            step_model = parallel.wrap(model, device, fsdp=True, bf16=args.dtype == "bfloat16")
+        elif way == "default":
+            for block in model.gpt.transformer.h:
+                fully_shard(block)
+            step_model = fully_shard(model)
+        else:
+            step_model = parallel.wrap(model.to(device), device)
+        runs[way] = (model, step_model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(way):
+        model, step_model, optimizer = runs[way]
+        loss_sum = 0.0
+        with parallel.gathered(model) if way == "ours" else contextlib.nullcontext():
+            for j, (ids, mask, labels, pos) in enumerate(batches):
+                with parallel.no_sync(step_model, last=j == len(batches) - 1), autocast:
+                    loss, _ = step_model(ids, mask, labels, pos)
+                (loss / len(batches)).backward()
+                loss_sum += loss.item() / len(batches)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    times, per_step, losses = {w: [] for w in runs}, {}, {w: [] for w in runs}
+    for r in range(args.warmup + args.repeats):
+        for way in runs:  # interleaved, so a noisy neighbour hits every way alike
+            counts.clear()
+            t, loss = timed(lambda: step(way), args.device)
+            per_step[way], _ = dict(counts), losses[way].append(loss)
+            if r >= args.warmup:
+                times[way].append(t)
+    held = {w: parallel.held_bytes(m, o) for w, (m, _, o) in runs.items()}
+    if rank == 0:
+        print(json.dumps(dict(size=size, world=world, blocks=SIZES[size]["n_layer"], counts=per_step, losses=losses,
+                              seconds={w: statistics.median(v) for w, v in times.items()}, held=held,
+                              shape=list(batches[0][0].shape), threads=torch.get_num_threads())), flush=True)
+    parallel.teardown()
+
+
+def bench_fsdp(args):
+    """(d): bench.py again under torchrun with --fsdp N processes (fsdp_child), one size at a time; its numbers."""
+    for size in args.sizes:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+        if not args.device.startswith("cuda"):
+            env["TRAIN_BACKEND"] = "gloo"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp),
+               os.path.abspath(__file__), "--fsdp_child", "--sizes", size, "--device", args.device, "--dtype", args.dtype,
+               "--thoughts", str(args.thoughts), "--fsdp_batch", str(args.fsdp_batch), "--fsdp_micro", str(args.fsdp_micro),
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"bench.py --fsdp: the {args.fsdp} processes failed:\n{r.stderr[-3000:]}")
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        c, t, L, n, m = d["counts"], d["seconds"], d["blocks"], args.thoughts, args.fsdp_micro
+        print(f"[{size}] FSDP over {d['world']} processes ({args.device}, {args.dtype}, {d['threads']} thread(s) each, "
+              f"torch {torch.__version__}): one optimizer step of Coconut with {n} thoughts ({n + 1} passes), "
+              f"{m} micro-batch(es) of {d['shape'][0]} x {d['shape'][1]} per process, {L} blocks", flush=True)
+        print(f"[{size}] all-gathers per step: train.py --fsdp (gathered once per step) {c['ours'].get('all_gather', 0)} "
+              f"(= {L} blocks + the root), fully_shard's default {c['default'].get('all_gather', 0)} "
+              f"(= {m} x (1 + 2 x {L} blocks x {n + 1} passes)); reduce-scatters {c['ours'].get('reduce_scatter', 0)} "
+              f"and {c['default'].get('reduce_scatter', 0)} (= {m} x {L + 1})", flush=True)
+        same = all(abs(a - b) <= 1e-5 * abs(b) for w in ("ours", "default") for a, b in zip(d["losses"][w], d["losses"]["DDP"]))
+        mib = lambda b: f"{b / 2**20:.1f} MiB"
+        print(f"[{size}] step time: --fsdp {t['ours']:.3f} s, default {t['default']:.3f} s, DDP {t['DDP']:.3f} s -> "
+              f"(d) --fsdp/DDP = {t['ours'] / t['DDP']:.2f}x, default/DDP = {t['default'] / t['DDP']:.2f}x; "
+              f"the same losses: {same}; weights and AdamW state per process: FSDP {mib(d['held']['ours'][0])}, "
+              f"DDP {mib(d['held']['DDP'][0])}", flush=True)
 
 
 def load_official(path, model):
@@ -635,6 +760,11 @@ def main():
                         "after (today's); no value: both")
     p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
     p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
+    f = p.add_argument_group("(d) --fsdp N: train.py --fsdp, fully_shard's default and DDP over N processes")
+    f.add_argument("--fsdp", type=int, default=0, metavar="N", help="processes (2 on a CPU); the first of --sizes")
+    f.add_argument("--fsdp_batch", type=int, default=4, help="sequences per micro-batch")
+    f.add_argument("--fsdp_micro", type=int, default=2, help="micro-batches per process and optimizer step")
+    f.add_argument("--fsdp_child", action="store_true", help=argparse.SUPPRESS)
     s = p.add_argument_group("(c) --superposition: one epoch of the 'Reasoning by Superposition' setting")
     s.add_argument("--superposition", default=None, metavar="CHECKOUT",
                    help="a checkout of Ber666/reasoning-by-superposition to compare with, or 'ours' for our side alone "
@@ -654,6 +784,10 @@ def main():
         torch.set_num_threads(args.threads)
     if args.superposition:
         return bench_superposition(args)
+    if args.fsdp_child:
+        return fsdp_child(args)
+    if args.fsdp:
+        return bench_fsdp(args)
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
                   os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]
