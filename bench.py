@@ -238,18 +238,19 @@ def bench_memory(args):
     print(line, flush=True)
 
 
-def fsdp_batch(args, vocab, seed):
-    """A micro-batch of random tokens in Coconut's layout: 24 question tokens, <|start-latent|>, --thoughts
-    <|latent|>, <|end-latent|>, 16 answer tokens with labels; every row alike (the timings depend on shapes only)."""
+def coconut_batch(rows, question, thoughts, answer, vocab, seed, device):
+    """A micro-batch of random tokens in Coconut's layout: question tokens, <|start-latent|>, the thoughts'
+    <|latent|>, <|end-latent|>, answer tokens with labels (ids vocab-1, -2, -3 are latent, start, end); every
+    row alike: what is measured (communication, time, memory) depends on the shapes only."""
     latent, start, end = vocab - 1, vocab - 2, vocab - 3
     g = torch.Generator().manual_seed(seed)
-    q, a = torch.randint(0, vocab - 3, (args.fsdp_batch, 24), generator=g), torch.randint(0, vocab - 3, (args.fsdp_batch, 16), generator=g)
-    col = lambda t: torch.full((args.fsdp_batch, 1), t)
-    ids = torch.cat([q, col(start), col(latent).expand(-1, args.thoughts), col(end), a], dim=1)  # (B, L)
+    q, a = torch.randint(0, vocab - 3, (rows, question), generator=g), torch.randint(0, vocab - 3, (rows, answer), generator=g)
+    col = lambda t: torch.full((rows, 1), t)
+    ids = torch.cat([q, col(start), col(latent).expand(-1, thoughts), col(end), a], dim=1)  # (B, L)
     labels = torch.full_like(ids, -100)
-    labels[:, -a.size(1):] = a
+    labels[:, -answer:] = a
     pos = torch.arange(ids.size(1)).expand_as(ids)
-    return [t.to(args.device) for t in (ids, torch.ones_like(ids), labels, pos)]
+    return [t.to(device) for t in (ids, torch.ones_like(ids), labels, pos)]
 
 
 def fsdp_child(args):
@@ -275,7 +276,8 @@ def fsdp_child(args):
     dist.all_gather_single = counted("all_gather", dist.all_gather_single)
     dist.reduce_scatter_single = counted("reduce_scatter", dist.reduce_scatter_single)
     size, vocab = args.sizes[0], 50260
-    batches = [fsdp_batch(args, vocab, 1000 * rank + j) for j in range(args.fsdp_micro)]
+    batches = [coconut_batch(args.fsdp_batch, 24, args.thoughts, 16, vocab, 1000 * rank + j, device)
+               for j in range(args.fsdp_micro)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     runs = {}
     for way in ("ours", "default", "DDP"):
@@ -348,6 +350,67 @@ def bench_fsdp(args):
               f"(d) --fsdp/DDP = {t['ours'] / t['DDP']:.2f}x, default/DDP = {t['default'] / t['DDP']:.2f}x; "
               f"the same losses: {same}; weights and AdamW state per process: FSDP {mib(d['held']['ours'][0])}, "
               f"DDP {mib(d['held']['DDP'][0])}", flush=True)
+
+
+# Llama 3's shapes for --fsdp_memory (config.json of meta-llama/Llama-3.2-1B and Llama-3.1-8B)
+LLAMA_SHAPES = {"1b": dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, tied=True),
+                "8b": dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, tied=False)}
+LLAMA_VOCAB = 128256
+
+
+def layer_memory_child(args):
+    """
+    One Coconut training step (forward + backward, fp32, no optimizer) of a Llama of the shape's width with
+    1 or 2 blocks and a 1024-token vocabulary, on 8 sequences x 160 columns (112 question tokens, 6 thoughts,
+    40 labelled answer tokens: the measurement behind docs/reproduce.md's 1B figure), in a fresh process:
+    prints {"peak": the peak resident memory the step adds, in bytes, "block_params"}.
+    """
+    import resource
+    from llama import Llama, LlamaConfig
+    shape, layers = args.layer_memory_child[0], int(args.layer_memory_child[1])
+    c = LLAMA_SHAPES[shape]
+    torch.manual_seed(0)
+    gpt = Llama(LlamaConfig(**{k: v for k, v in c.items() if k != "tied"} | dict(n_layer=layers, vocab_size=1024,
+                                                                               block_size=512, rope_scaling=None)))
+    model = Coconut(gpt, 1023, 1022, 1021, 0)
+    ids, mask, labels, pos = coconut_batch(8, 112, 6, 40, 1024, 0, "cpu")
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    loss, _ = model(ids, mask, labels, pos)
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps(dict(peak=peak, block_params=sum(p.numel() for p in gpt.transformer.h[0].parameters()))))
+
+
+def bench_fsdp_memory(args):
+    """
+    --fsdp_memory SHAPE:GPUS: the per-GPU memory of a Llama run under train.py --fsdp --dtype bfloat16 on GPUS
+    GPUs, estimated: what one block adds to a CPU step (layer_memory_child with 2 blocks minus 1) less its fp32
+    gradient gives its activations; the rest follows from the parameter counts (parallel.py's docstring).
+    """
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    for item in args.fsdp_memory:
+        shape, gpus = item.split(":")
+        c, N = LLAMA_SHAPES[shape], int(gpus)
+        m = {}
+        for layers in (1, 2):
+            cmd = [sys.executable, os.path.abspath(__file__), "--layer_memory_child", shape, str(layers),
+                   "--threads", str(args.threads)]
+            m[layers] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+        Pb = m[1]["block_params"] * c["n_layer"]                                # the blocks' parameters
+        Pr = LLAMA_VOCAB * c["n_embd"] * (1 if c["tied"] else 2) + c["n_embd"]  # embeddings, lm_head, final norm
+        act = (m[2]["peak"] - m[1]["peak"] - 4 * m[1]["block_params"]) * c["n_layer"]  # fp32 activations, batch 8
+        sharded, gathered = 16 * (Pb + Pr) / N, 2 * Pb + 4 * Pr  # fp32 weights+grads+AdamW / N; bf16 blocks, fp32 root
+        fixed = sharded + 2 * gathered  # gathered weights, and the whole gradients during Coconut's backward
+        print(f"[{shape}] Llama {shape.upper()} ({(Pb + Pr) / 1e9:.2f}B parameters) under train.py --fsdp --dtype "
+              f"bfloat16 on {N} GPUs, per GPU (estimate; one step of a block measured on this CPU: "
+              f"{gib(m[2]['peak'] - m[1]['peak'])}, of which {gib(4 * m[1]['block_params'])} its fp32 gradient; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)):", flush=True)
+        print(f"[{shape}]   fp32 weights, gradients and AdamW's moments / {N}: {gib(sharded)}; gathered for the step "
+              f"(blocks bf16, embeddings and lm_head fp32): {gib(gathered)}; whole gradients during Coconut's backward "
+              f"(the same dtypes): {gib(gathered)}; activations (fp32, an upper figure under autocast): "
+              f"{gib(act)} per micro-batch of 8 x 160 columns", flush=True)
+        print(f"[{shape}]   -> about {gib(fixed + act)} per GPU at --batch_size 8, {gib(fixed + 4 * act)} at 32 "
+              f"(DDP: {gib(16 * (Pb + Pr))} of fp32 state alone)", flush=True)
 
 
 def load_official(path, model):
@@ -765,6 +828,10 @@ def main():
     f.add_argument("--fsdp_batch", type=int, default=4, help="sequences per micro-batch")
     f.add_argument("--fsdp_micro", type=int, default=2, help="micro-batches per process and optimizer step")
     f.add_argument("--fsdp_child", action="store_true", help=argparse.SUPPRESS)
+    f.add_argument("--fsdp_memory", nargs="+", default=None, metavar="SHAPE:GPUS",
+                   help="per-GPU memory estimates of Llama runs under --fsdp, from a CPU step of 1 and 2 blocks "
+                        f"({', '.join(LLAMA_SHAPES)}; e.g. 8b:8 1b:2)")
+    f.add_argument("--layer_memory_child", nargs=2, default=None, help=argparse.SUPPRESS)
     s = p.add_argument_group("(c) --superposition: one epoch of the 'Reasoning by Superposition' setting")
     s.add_argument("--superposition", default=None, metavar="CHECKOUT",
                    help="a checkout of Ber666/reasoning-by-superposition to compare with, or 'ours' for our side alone "
@@ -786,6 +853,10 @@ def main():
         return bench_superposition(args)
     if args.fsdp_child:
         return fsdp_child(args)
+    if args.layer_memory_child:
+        return layer_memory_child(args)
+    if args.fsdp_memory:
+        return bench_fsdp_memory(args)
     if args.fsdp:
         return bench_fsdp(args)
     here = os.path.dirname(os.path.abspath(__file__))

@@ -15,10 +15,14 @@ torch.load(weights_only=True), which never runs code from the file.
     config      the run's settings (train.py's flags, resolved)
     epoch, stage, step, epoch_step, epoch_complete, best_acc, metrics, ...: where the run stands
     optimizer, rng  (ckpt.pt only, not best.pt): what an exact resume needs
+    shards      (train.py --fsdp sharded only) the folder beside the file, written by torch.distributed.checkpoint,
+                that holds the weights (and, for ckpt.pt, AdamW's state) as every process's slices; "model" is
+                then empty. The loaders here read the weights from it; one_file() writes them into one file.
 """
 import dataclasses
 import json
 import os
+import warnings
 
 import torch
 
@@ -105,10 +109,40 @@ def gpt_from_checkpoint(ckpt, path, dropout=None):
     model_class, config_class = ARCHS[ckpt.get("arch", "gpt2")]
     try:
         gpt = model_class(config_class(**args))
-        gpt.load_state_dict(ckpt["model"])
+        if ckpt.get("shards"):
+            read_shards(gpt, shards_folder(ckpt, path))
+        else:
+            gpt.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, AssertionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint (the weights do not fit the model: {first_line(e)})") from None
     return gpt
+
+
+def shards_folder(ckpt, path):
+    """The folder of a sharded checkpoint's slices (train.py --fsdp sharded), beside the file."""
+    folder = os.path.join(os.path.dirname(path), ckpt["shards"])
+    if not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise ValueError(f"{path}: its weights are in {folder}, which is missing or incomplete")
+    return folder
+
+
+def read_shards(gpt, folder):
+    """The whole weights from a sharded checkpoint's folder into gpt, in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.load({"model": {"gpt." + k: v for k, v in gpt.state_dict().items()}}, checkpoint_id=folder, no_dist=True)
+
+
+def one_file(path, out):
+    """
+    A sharded checkpoint (train.py --fsdp sharded) as one file in the usual format, the weights inside and
+    no optimizer (best.pt's contents): `python -c "import checkpoint; checkpoint.one_file('out/best.pt',
+    'best-one.pt')"`. Every script reads the sharded one as well; one file travels alone.
+    """
+    model, _, ckpt = load_checkpoint(path)
+    body = {k: v for k, v in ckpt.items() if k not in ("shards", "optimizer", "rng")}
+    save_atomic(dict(body, model=model.gpt.state_dict()), out)
 
 
 def checkpoint_arch(path):

@@ -189,6 +189,28 @@ def whole_state(model, optimizer, keep):
     return weights, adam
 
 
+def save_sharded(model, optimizer, folder):
+    """train.py --fsdp sharded: every process writes its slices of the weights and AdamW's state into folder
+    (torch.distributed.checkpoint: one file per process and a .metadata), nothing gathered anywhere."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    weights, adam = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder)
+
+
+def load_sharded(model, optimizer, folder):
+    """The weights and AdamW's state of save_sharded's folder into the model and optimizer, whatever the
+    number of processes now (torch.distributed.checkpoint reads each process's part of every tensor)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    weights, adam = get_state_dict(model, optimizer)
+    state = {"model": weights, "optimizer": adam}
+    with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=folder, no_dist=world() == 1)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def load_optimizer(optimizer, state):
     """AdamW's whole state (whole_state's, or one process's optimizer.state_dict()) into an optimizer over
     sharded or whole parameters: under FSDP each process keeps its slice of each moment."""

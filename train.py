@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 import parallel
 from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, load_checkpoint,
-                        read_checkpoint, resolve_device, save_atomic, tokenizer_from_checkpoint)
+                        read_checkpoint, resolve_device, save_atomic, shards_folder, tokenizer_from_checkpoint)
 from coconut import Coconut
 from curriculum import build_examples, collate, make_question, prompt, stage_for_epoch
 from evaluate import evaluate, summarize_outputs
@@ -43,6 +44,7 @@ from presets import DEMO, DEMO_METHODS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
 from records import graph_question, load_split, tokenize
 
 SLOW_RUN_HOURS = 2  # a CPU run estimated longer than this after its first step is told about the demo
+SHARDED_CHECKPOINTS_ABOVE = 3e9  # parameters: above, --fsdp whole is told about --fsdp sharded
 
 FEEDBACK_MODES = ("coconut", "no_curriculum", "frontier")  # the modes that feed hidden states back as thoughts
 
@@ -81,7 +83,7 @@ def train(args):
     model, tok = make_model(args, ckpt, train_records, device)
     step_model = parallel.wrap(model, device, args.fsdp, bf16=autocast is not None)  # DDP, FSDP, or the model
     optimizer = make_optimizer(model, args)
-    state = start_state(args, ckpt, optimizer, device)
+    state = start_state(args, ckpt, model, optimizer, device)
     train_tok = [tokenize(r, tok) for r in train_records]
     val_tok = [tokenize(r, tok) for r in val_records]
     if args.max_new_tokens is None:  # a user's data set: what its longest target needs, and some room
@@ -98,7 +100,7 @@ def train(args):
         f"{'' if n_epochs == 1 else 's'}); validation writes up to {args.max_new_tokens} tokens per question")
     log(f"{ckpt_path} is saved after every epoch{f' and every {args.save_every} steps' if args.save_every else ''}; "
         f"a run stopped in any way, even killed, continues with `{continue_with(args)}`")
-    for note in run_notes(args, train_records, per_epoch):
+    for note in run_notes(args, train_records, per_epoch, model):
         log(f"note: {note}")
     noted, first_step = False, state["step"]
 
@@ -359,9 +361,14 @@ def slow_run_note(run_seconds, device):
     return None
 
 
-def run_notes(args, records, per_epoch):
-    """What the first lines should warn about: too few steps to learn, stages with no step left to replace."""
+def run_notes(args, records, per_epoch, model=None):
+    """What the first lines should warn about: too few steps to learn, stages with no step left to replace,
+    whole checkpoints of a sharded model that big."""
     notes = []
+    n = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    if args.fsdp == "whole" and parallel.is_sharded(model) and n > SHARDED_CHECKPOINTS_ABOVE:
+        notes.append(f"every save gathers the whole weights and AdamW's state of these {n / 1e9:.1f}B parameters "
+                     f"into rank 0's CPU memory ({fmt_bytes(12 * n)}): --fsdp sharded has each process write its own")
     total = per_epoch * (args.epochs - args.start_epoch)
     if args.init_from == "scratch" and total < 500:
         notes.append(f"{total} optimizer steps may be too few for a model from scratch (the demo takes 2,000): "
@@ -468,7 +475,7 @@ def settle_config(args):
     return argparse.Namespace(**cfg), ckpt
 
 
-def start_state(args, ckpt, optimizer, device):
+def start_state(args, ckpt, model, optimizer, device):
     """Where the run stands: a new run's start, or the checkpoint's place (its optimizer and random states restored)."""
     state = dict(epoch=args.start_epoch, stage=0, epoch_step=0, epoch_complete=False, step=0, best_acc=-1.0, metrics=[],
                  epoch_loss=[0.0, 0], epoch_tokens=0)
@@ -478,7 +485,9 @@ def start_state(args, ckpt, optimizer, device):
         torch.manual_seed(args.seed + RANK)  # dropout: a stream of its own in each process
         return state
     state.update({k: ckpt[k] for k in state if k in ckpt})
-    if ckpt.get("optimizer") is not None:
+    if ckpt.get("shards"):  # --fsdp sharded: the weights and AdamW's state, each process its slices
+        parallel.load_sharded(model, optimizer, shards_folder(ckpt, os.path.join(args.out_dir, "ckpt.pt")))
+    elif ckpt.get("optimizer") is not None:
         parallel.load_optimizer(optimizer, ckpt["optimizer"])  # whole moments: under FSDP each keeps its slices
     rngs = ckpt.get("rng") or []
     if len(rngs) == WORLD:
@@ -500,19 +509,50 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
         raise Diverged(f"the weights are not finite after step {state['step']}; stopped without saving: "
                        f"{last_good(path, saved)}")
     rngs = parallel.gather(rng_state(device))
-    weights, adam = parallel.whole_state(model, optimizer, keep=RANK == 0)
+    shards = save_shards(model, optimizer, args, state) if args.fsdp == "sharded" and parallel.is_sharded(model) else None
+    weights, adam = ({}, None) if shards else parallel.whole_state(model, optimizer, keep=RANK == 0)
     if RANK == 0:
         config = {k: v for k, v in vars(args).items() if k != "typed"}
-        body = checkpoint_body(model, tok, config, weights=weights, **state, world_size=WORLD)
+        body = checkpoint_body(model, tok, config, weights=weights, **state, world_size=WORLD,
+                               **({"shards": shards} if shards else {}))
         if best:
             save_atomic(body, os.path.join(args.out_dir, "best.pt"))  # no optimizer: what sample.py loads
         save_atomic(dict(body, optimizer=adam, rng=rngs), path)
+        drop_unused_shards(args.out_dir)
         # metrics.jsonl is rewritten from the checkpoint's list: a resume never loses or repeats a line
         metrics = os.path.join(args.out_dir, "metrics.jsonl")
         with open(metrics + ".tmp", "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
         os.replace(metrics + ".tmp", metrics)
     return state["step"]
+
+
+def save_shards(model, optimizer, args, state):
+    """--fsdp sharded: every process writes its slices into a folder of out_dir, written under a temporary name
+    and renamed when complete (ckpt.pt, replaced afterwards, names it: a kill at any moment leaves the last
+    good pair). Returns the folder's name."""
+    name = f"shards-{state['step']}{'-epoch' if state['epoch_complete'] else ''}"
+    folder = os.path.join(args.out_dir, name)
+    if RANK == 0 and os.path.exists(folder + ".tmp"):  # left by a run killed while saving
+        shutil.rmtree(folder + ".tmp")
+    dist.barrier()
+    parallel.save_sharded(model, optimizer, folder + ".tmp")  # returns once every process has written
+    if RANK == 0:
+        if os.path.exists(folder):  # saved once by a run that was killed before its ckpt.pt named it
+            shutil.rmtree(folder)
+        os.replace(folder + ".tmp", folder)
+    return name
+
+
+def drop_unused_shards(out_dir):
+    """Removes the shards-* folders that neither ckpt.pt nor best.pt names (older saves, interrupted ones)."""
+    folders = [d for d in os.listdir(out_dir) if d.startswith("shards-")]
+    if folders:
+        named = {torch.load(os.path.join(out_dir, f), weights_only=True, mmap=True).get("shards")
+                 for f in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(out_dir, f))}
+        for d in folders:
+            if d not in named:
+                shutil.rmtree(os.path.join(out_dir, d))
 
 
 def last_good(path, saved):

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 import parallel
 import sample
 import train
+from checkpoint import load_checkpoint, one_file
 from coconut import Coconut
 from gpt import GPT, GPTConfig
 from interrupt import SIGNAL_HOOK
@@ -49,6 +51,11 @@ def metrics(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+def saved_weights(path):
+    """The GPT's weights of a checkpoint, whole or sharded (--fsdp sharded: read from its folder)."""
+    return load_checkpoint(path)[0].gpt.state_dict()
+
+
 def max_difference(a, b):
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -59,12 +66,13 @@ def mib(text):
 
 
 @pytest.mark.multiprocess
-def test_fsdp_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys):
+def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys):
+    # --fsdp sharded: every checkpoint is written by both processes, each its slices (the Llama test: whole files)
     common = RUN + ["--data_dir", str(data_dir)]
     one, a, b = str(tmp_path / "one"), str(tmp_path / "a"), str(tmp_path / "b")
     assert train.main(common + ["--out_dir", one]) == 0
     losses_one = step_losses(capsys.readouterr().out)
-    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp"])
+    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp", "sharded"])
     assert r.returncode == 0, why(r)
     assert "2 process(es) sharded (FSDP) on cpu" in r.stdout
 
@@ -76,24 +84,24 @@ def test_fsdp_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, 
         for k in ("val_correct", "val_total", "mean_new_tokens", "mean_thoughts"):  # validation under sharding
             assert x[k] == y[k], k
     assert metrics(a)[-1]["mean_new_tokens"] < 24  # the answers stop: generation really ran a varying number of passes
-    diff = max_difference(weights(os.path.join(one, "ckpt.pt")), weights(os.path.join(a, "ckpt.pt")))
+    ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    assert ck["model"] == {} and ck["optimizer"] is None and ck["shards"] == "shards-18-epoch"
+    diff = max_difference(saved_weights(os.path.join(one, "ckpt.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
     print(f"FSDP (2 processes) vs one process, GPT: max |weight difference| {diff:.1e}")
     assert diff < 1e-5
-    ck1, cka = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, a))
-    assert ck1["optimizer"]["state"].keys() == cka["optimizer"]["state"].keys()  # the same file as one process's
-    assert cka["model"]["lm_head.weight"].data_ptr() == cka["model"]["transformer.wte.weight"].data_ptr()  # still tied
 
     # memory: the weights and AdamW's state that each process holds, measured on its tensors after the first step
     line = next(l for l in r.stdout.splitlines() if l.startswith("weights and AdamW state held per process"))
     per, total = re.fullmatch(r".*: (.*) \(slices \(FSDP\); (.*) in all\)", line).groups()
     per = [mib(x) for x in per.split(", ")]
+    ck1 = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)
     held_one = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in ck1["model"].values()}.values()) + \
         sum(t.numel() * t.element_size() for s in ck1["optimizer"]["state"].values() for t in s.values())
     assert mib(total) == pytest.approx(held_one / 2**20, rel=0.01)  # "in all" is what one process holds
     assert len(per) == 2 and all(p == pytest.approx(mib(total) / 2, rel=0.03) for p in per), line
 
     # SIGKILL at step 9 (saved at 8), then the command the run printed when it started
-    r = torchrun(["train.py", *common, "--out_dir", b, "--fsdp"], env={SIGNAL_HOOK: "9:KILL"})
+    r = torchrun(["train.py", *common, "--out_dir", b, "--fsdp", "sharded"], env={SIGNAL_HOOK: "9:KILL"})
     assert r.returncode != 0
     assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 8
     printed = re.search(r"continues with `([^`]+)`", r.stdout).group(1)
@@ -101,22 +109,34 @@ def test_fsdp_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, 
     argv = shlex.split(printed)
     r = torchrun(argv[argv.index("train.py"):])
     assert r.returncode == 0, why(r)
-    assert "resuming" in r.stdout and "sharded (FSDP)" in r.stdout  # --fsdp comes from the checkpoint
-    assert_same_weights(weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt")))
-    assert_same_weights(weights(os.path.join(a, "best.pt")), weights(os.path.join(b, "best.pt")))
+    assert "resuming" in r.stdout and "sharded (FSDP)" in r.stdout  # --fsdp sharded comes from the checkpoint
+    for name in ("ckpt.pt", "best.pt"):
+        assert_same_weights(saved_weights(os.path.join(a, name)), saved_weights(os.path.join(b, name)))
     strip = lambda ms: [{k: v for k, v in m.items() if "second" not in k} for m in ms]
     assert strip(metrics(a)) == strip(metrics(b))
+    named = {torch.load(os.path.join(b, f), weights_only=True)["shards"] for f in ("ckpt.pt", "best.pt")}
+    assert {d for d in os.listdir(b) if d.startswith("shards-")} == named  # older and interrupted saves are gone
 
-    # the checkpoint answers through sample.py as the sharded run's validation scored it
+    # the checkpoint answers through sample.py as the sharded run's validation scored it; and as one file
     assert sample.main(["--ckpt", os.path.join(a, "ckpt.pt"), "--eval", "--batch_size", "4"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     m = metrics(a)[-1]
     assert row[3] == f"{m['val_correct']}/{m['val_total']}" and float(row[5]) == pytest.approx(m["mean_new_tokens"], abs=0.05)
+    one_file(os.path.join(a, "ckpt.pt"), str(tmp_path / "one-file.pt"))
+    assert_same_weights(weights(str(tmp_path / "one-file.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
 
-    # one process continues it too (the same file): two more epochs from the sharded run's checkpoint
+    # a sharded checkpoint without its folder: one line
+    shutil.rmtree(os.path.join(b, torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["shards"]))
+    assert sample.main(["--ckpt", os.path.join(b, "ckpt.pt"), "--eval"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "which is missing or incomplete" in err, err
+
+    # one process continues it too: a fourth epoch from the sharded run's checkpoint, then whole files
     assert train.main(["--out_dir", a, "--resume", "--epochs", "4"]) == 0
     assert "holds the random states of 2 processes, not 1" in capsys.readouterr().out
     assert [x["epoch"] for x in metrics(a)] == [1, 2, 3, 4]
+    assert weights(os.path.join(a, "ckpt.pt")) and not [d for d in os.listdir(a) if d.startswith("shards-")
+                                                       and d != torch.load(os.path.join(a, "best.pt"))["shards"]]
 
 
 @pytest.mark.multiprocess
@@ -141,7 +161,16 @@ def test_fsdp_on_a_small_llama_matches_one_process(data_dir, tmp_path, capsys):
     w1, w2 = weights(os.path.join(one, "ckpt.pt")), weights(os.path.join(two, "ckpt.pt"))
     diff = max_difference(w1, w2)
     print(f"FSDP (2 processes) vs one process, Llama: max |weight difference| {diff:.1e}")
-    assert diff < 1e-5 and torch.load(os.path.join(two, "ckpt.pt"), weights_only=True)["arch"] == "llama"
+    assert diff < 1e-5
+    # --fsdp (whole): one file, as one process writes it, gathered into rank 0
+    ck1, ck2 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
+    assert ck2["arch"] == "llama" and "shards" not in ck2
+    assert ck1["optimizer"]["state"].keys() == ck2["optimizer"]["state"].keys()
+    assert ck2["model"]["lm_head.weight"].data_ptr() == ck2["model"]["transformer.wte.weight"].data_ptr()  # still tied
+    assert sample.main(["--ckpt", os.path.join(two, "best.pt"), "--eval", "--batch_size", "4"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    best = max(metrics(two), key=lambda m: m["val_acc"])  # the first epoch of the best accuracy
+    assert row[3] == f"{best['val_correct']}/{best['val_total']}"
 
 
 # -----------------------------------------------------------------------------
