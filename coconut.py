@@ -43,30 +43,39 @@ class Coconut(nn.Module):
         input_ids, attention_mask, labels, position_ids: (B, L) from curriculum.collate.
         -> (loss, logits (B, L, V) if with_logits else None)
         """
-        hidden, _ = self.think(input_ids, attention_mask, position_ids)  # (B, L, C)
         # Position t predicts token t+1; -100 marks the question, the markers and the thoughts. lm_head
         # runs only where a label follows: most of a ProsQA sequence is its question, and logits over
-        # 50k tokens at every position (with their softmax and gradient) would take several GB.
+        # 50k tokens at every position (with their softmax and gradient) would take several GB. The
+        # last block, too, runs only in the columns that predict a label (gpt's out_cols).
         targets = labels[:, 1:]                                             # (B, L-1)
         scored = targets != -100
+        read = None if with_logits else F.pad(scored.any(0), (0, 1))       # (L,)
+        hidden, _ = self.think(input_ids, attention_mask, position_ids, read)  # (B, L, C)
         loss = F.cross_entropy(self.gpt.lm_head(hidden[:, :-1][scored]), targets[scored])  # (N, V) -> mean
         return loss, (self.gpt.lm_head(hidden) if with_logits else None)
 
-    def think(self, input_ids, attention_mask, position_ids):
+    def think(self, input_ids, attention_mask, position_ids, read=None):
         """
         Run the sequence with its continuous thoughts filled in: the feedback loop, n+1 passes.
         Returns the final hidden states (B, L, C) and {"thoughts": (B, n_max, C), "n_thoughts": (B,), "past": the KV cache}.
+        read: (L,) bool, the columns whose hidden states the caller reads (None: all); the others come back
+        as zeros, and the last block skips them (gpt's out_cols): the same numbers, a third less work in a
+        2-layer model.
         """
         B, L = input_ids.shape
         embeds = self.gpt.transformer.wte(input_ids)  # (B, L, C): token embeddings; thoughts replace some
         is_latent = input_ids == self.latent_id        # (B, L)
         n_thoughts = is_latent.sum(1) if self.feedback else torch.zeros_like(input_ids[:, 0])  # (B,)
         n_max = int(n_thoughts.max())
+        first = int(is_latent.float().argmax(1)[n_thoughts > 0].min()) if n_max else L  # the first thought's column
+        if read is not None:  # each pass's last column is read too (the next thought), so no pass reads nothing
+            read = read.clone()
+            read[first - 1:first + n_max - 1] = True
+            read[-1] = True
         if n_max == 0:  # no thoughts: an ordinary language-model pass
             _, _, hidden, past = self.gpt(inputs_embeds=embeds, position_ids=position_ids,
-                                          attention_mask=attention_mask, with_logits=False)
-            return hidden, dict(thoughts=embeds[:, :0], n_thoughts=n_thoughts, past=past)
-        first = int(is_latent.float().argmax(1)[n_thoughts > 0].min())  # the column of the first thought
+                                          attention_mask=attention_mask, with_logits=False, out_cols=_cols(read, 0, L))
+            return _spread(hidden, read), dict(thoughts=embeds[:, :0], n_thoughts=n_thoughts, past=past)
         self._check_aligned(is_latent, n_thoughts, first)
 
         hiddens, thoughts, past = [], [], None
@@ -74,7 +83,8 @@ class Coconut(nn.Module):
         x = embeds[:, :first]
         for i in range(n_max):
             _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
-                                          attention_mask=attention_mask[:, :end], past_kv=past, with_logits=False)
+                                          attention_mask=attention_mask[:, :end], past_kv=past, with_logits=False,
+                                          out_cols=_cols(read, start, end))
             hiddens.append(hidden)
             if i == 0 and torch.is_grad_enabled() and self.chunked_cache:
                 # Training: keep the cache as chunks that each pass extends, so that the backward pass
@@ -88,9 +98,11 @@ class Coconut(nn.Module):
             x = torch.cat([torch.where(is_latent[:, start, None, None], thought, embeds[:, start:start + 1]),
                            embeds[:, start + 1:end]], dim=1)
         _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
-                                      attention_mask=attention_mask, past_kv=past, with_logits=False)
+                                      attention_mask=attention_mask, past_kv=past, with_logits=False,
+                                      out_cols=_cols(read, start, end))
         hiddens.append(hidden)
-        return torch.cat(hiddens, dim=1), dict(thoughts=torch.cat(thoughts, dim=1), n_thoughts=n_thoughts, past=past)
+        return _spread(torch.cat(hiddens, dim=1), read), dict(thoughts=torch.cat(thoughts, dim=1), n_thoughts=n_thoughts,
+                                                             past=past)
 
     @staticmethod
     def _check_aligned(is_latent, n_thoughts, first):
@@ -112,9 +124,10 @@ class Coconut(nn.Module):
         B, L = input_ids.shape
         attention_mask = attention_mask.long()
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0) * attention_mask  # 0 on padding
-        hidden, state = self.think(input_ids, attention_mask, position_ids)
-        past = state["past"]
         last = L - 1 - attention_mask.flip(1).argmax(1)                    # (B,) each question's last real column
+        read = torch.zeros(L, dtype=torch.bool, device=input_ids.device).index_fill(0, last, True)
+        hidden, state = self.think(input_ids, attention_mask, position_ids, read)
+        past = state["past"]
         next_logits = self.gpt.lm_head(hidden[torch.arange(B), last])       # (B, V): only where it is needed
         next_pos = attention_mask.sum(1)                             # (B,) the position of each first new token
         out = [[] for _ in range(B)]
@@ -137,3 +150,17 @@ class Coconut(nn.Module):
         if not return_thoughts:
             return out
         return out, [state["thoughts"][b, :int(state["n_thoughts"][b])] for b in range(B)]
+
+
+
+def _cols(read, start, end):
+    """gpt's out_cols for the pass over columns start..end-1: those of them that are read, counted from start."""
+    return None if read is None else read[start:end].nonzero().flatten()
+
+
+def _spread(hidden, read):
+    """(B, K, C) hidden states of the K read columns, in order -> (B, L, C), zeros in the columns not read."""
+    if read is None:
+        return hidden
+    B, _, C = hidden.shape
+    return hidden.new_zeros(B, read.numel(), C).index_copy(1, read.nonzero().flatten(), hidden)

@@ -42,10 +42,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, mask, past):
+    def forward(self, x, mask, past, out_cols=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if out_cols is not None:  # queries only where the caller reads the output; keys and values everywhere
+            q, mask, T = q[:, :, out_cols], mask[:, :, out_cols], len(out_cols)
         dropout = self.dropout if self.training else 0.0
         if isinstance(past, list):  # a chunked cache (see chunked_attention): extended, never copied
             k, v = past[0] + [k], past[1] + [v]
@@ -99,8 +101,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, past):
-        a, kv = self.attn(self.ln_1(x), mask, past)
+    def forward(self, x, mask, past, out_cols=None):
+        a, kv = self.attn(self.ln_1(x), mask, past, out_cols)
+        if out_cols is not None:
+            x = x[:, out_cols]  # (B, K, C): the residual stream goes on only where it is read
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -132,7 +136,7 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(module.bias)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, position_ids=None,
-                attention_mask=None, past_kv=None, with_logits=True):
+                attention_mask=None, past_kv=None, with_logits=True, out_cols=None):
         """
         idx (B, T) token ids, or inputs_embeds (B, T, C).
         targets (B, T): the token each position should predict (already shifted, -100 = no loss).
@@ -143,7 +147,13 @@ class GPT(nn.Module):
         Returns logits (B, T, V), loss (or None), hidden (B, T, C) after ln_f, and the extended cache.
         with_logits=False skips lm_head (logits None): a caller that needs few positions' logits
         applies lm_head to those hidden states itself, instead of paying (B, T, V) for all of them.
+        out_cols (K,) LongTensor, ascending: the columns (of these T) whose outputs the caller reads; the last
+        block then computes its queries, attention output and MLP only there (its keys and values for all T,
+        which the cache keeps), and logits and hidden are (B, K, ...). A loss on a few positions of a 2-layer
+        model costs a third less (the CPU demo); in a deep model, 1/n_layer of the work.
         """
+        if out_cols is not None and targets is not None:
+            raise ValueError("out_cols and targets: the loss needs every column's logits (pass only out_cols)")
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         past_len = 0 if past_kv is None else sum(k.size(2) for k in _chunks(past_kv[0][0]))
@@ -153,10 +163,11 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
         x = self.transformer.drop(x + self.transformer.wpe(position_ids))
-        mask = self._attention_mask(attention_mask, B, T, past_len, x.device)
+        mask = self._attention_mask(attention_mask, B, T, past_len, x.device, fused=out_cols is None)
         present = []
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, mask, None if past_kv is None else past_kv[i])
+            cols = out_cols if i == len(self.transformer.h) - 1 else None
+            x, kv = block(x, mask, None if past_kv is None else past_kv[i], cols)
             present.append(kv)
         hidden = self.transformer.ln_f(x)  # (B, T, C): what Coconut feeds back as a thought
         logits = self.lm_head(hidden) if with_logits or targets is not None else None  # (B, T, V)
@@ -174,9 +185,10 @@ class GPT(nn.Module):
         return [[[c.contiguous() for c in _chunks(k)], [c.contiguous() for c in _chunks(v)]] for k, v in past_kv]
 
     @staticmethod
-    def _attention_mask(attention_mask, B, T, past_len, device):
-        """The (B, 1, T, S) boolean mask SDPA takes, or None when plain causal attention will do."""
-        if attention_mask is None and past_len == 0:
+    def _attention_mask(attention_mask, B, T, past_len, device, fused=True):
+        """The (B, 1, T, S) boolean mask SDPA takes, or None when plain causal attention will do (and fused:
+        no rows of it are to be picked out)."""
+        if attention_mask is None and past_len == 0 and fused:
             return None  # lets SDPA take its fused causal path
         S = past_len + T
         q_pos = torch.arange(past_len, S, device=device)[:, None]  # (T, 1) absolute column of each query

@@ -126,10 +126,12 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         return apply_rope(q, *rope), apply_rope(k, *rope)
 
-    def forward(self, x, mask, past, rope):
+    def forward(self, x, mask, past, rope, out_cols=None):
         B, T, _ = x.shape
         q, k = self.rotated_qk(x, rope)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if out_cols is not None:  # queries only where the caller reads the output (GPT's out_cols)
+            q, mask, T = q[:, :, out_cols], mask[:, :, out_cols], len(out_cols)
         dropout = self.dropout if self.training else 0.0
         g = self.n_head // self.n_kv_head  # query heads per key/value head: head h reads key/value head h // g
         if isinstance(past, list):  # the chunked cache of training (gpt.chunked_attention), kept at n_kv heads
@@ -169,8 +171,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, past, rope):
-        a, kv = self.self_attn(self.input_layernorm(x), mask, past, rope)
+    def forward(self, x, mask, past, rope, out_cols=None):
+        a, kv = self.self_attn(self.input_layernorm(x), mask, past, rope, out_cols)
+        if out_cols is not None:
+            x = x[:, out_cols]
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
@@ -196,11 +200,12 @@ class Llama(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx=None, targets=None, *, inputs_embeds=None, position_ids=None,
-                attention_mask=None, past_kv=None, with_logits=True):
+                attention_mask=None, past_kv=None, with_logits=True, out_cols=None):
         """
         The same call as GPT.forward (see there): idx (B, T) or inputs_embeds (B, T, C); targets (B, T);
         position_ids (B, T); attention_mask (B, past_len + T), 1 = real token; past_kv: the returned cache
-        (per layer (k, v) of (B, n_kv_head, S, head_dim), or [ks, vs] chunk lists).
+        (per layer (k, v) of (B, n_kv_head, S, head_dim), or [ks, vs] chunk lists); out_cols: the columns
+        whose outputs are read (the last block computes only those).
         Returns logits (B, T, V) or None, loss or None, hidden (B, T, C) after the final norm, the cache.
         """
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -212,10 +217,11 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + T, device=x.device).expand(B, T)
         rope = self._rope(position_ids)  # instead of GPT's x + wpe(position_ids): positions enter every layer
-        mask = self._attention_mask(attention_mask, B, T, past_len, x.device)
+        mask = self._attention_mask(attention_mask, B, T, past_len, x.device, fused=out_cols is None)
         present = []
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, mask, None if past_kv is None else past_kv[i], rope)
+            cols = out_cols if i == len(self.transformer.h) - 1 else None
+            x, kv = block(x, mask, None if past_kv is None else past_kv[i], rope, cols)
             present.append(kv)
         hidden = self.transformer.ln_f(x)  # (B, T, C): what Coconut feeds back as a thought
         logits = self.lm_head(hidden) if with_logits or targets is not None else None  # (B, T, V)

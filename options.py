@@ -82,6 +82,9 @@ def build_parser(doc):
                         "1 from scratch on tiny, prosqa_graph or a data set of yours)")
     o.add_argument("--lr", type=float, default=None,
                    help="AdamW learning rate, constant (1e-4; 1e-3 from scratch on tiny or a data set of yours)")
+    o.add_argument("--decay_lr", type=int, default=None, choices=(0, 1),
+                   help="1: the learning rate falls along a cosine to lr/10 over the run (nanoGPT's); 0: constant, "
+                        "as the paper trains (the default)")
     o.add_argument("--weight_decay", type=float, default=0.01, help="on all parameters, as the official code")
     o.add_argument("--reset_optimizer", default=None, choices=("epoch", "stage", "never"),
                    help="fresh AdamW state every epoch (the official yaml of every curriculum run: the default), "

@@ -32,7 +32,7 @@ DATASET_DEFAULTS = {
 # Elsewhere the paper's: AdamW lr 1e-4, 32 sequences x 4 GPUs = 128 per optimizer step, GPT-2 124M.
 GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", uniform_prob=0.0, n_layer=2,
                         n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64,
-                        markers=1, thought_labels=0)
+                        markers=1, thought_labels=0, decay_lr=0)
 DEMO = dict(dataset="reach", init_from="scratch", out_dir="out-demo")
 DEMO_METHODS = ("coconut", "cot", "nocot")  # trained in turn, the same model for the same optimizer steps
 # A user's data set from scratch learns like the demo (lr 1e-3, no accumulation), in a batch that gives

@@ -141,7 +141,12 @@ def shortest_path_layers(record):
     d = from_root[record["target"]]
     if d is None:
         return []
-    return [[v for v in range(n) if from_root[v] == k and to_target[v] == d - k] for k in range(1, d + 1)]
+    layers = [[] for _ in range(d)]
+    for v in range(n):  # on a shortest path: as far from the root as from the target is short of d
+        k = from_root[v]
+        if k and to_target[v] is not None and k + to_target[v] == d:
+            layers[k - 1].append(v)
+    return layers
 
 
 def check_length(examples, block_size, skip_long=False):

@@ -124,6 +124,8 @@ def train(args):
                 if not math.isfinite(loss):
                     raise Diverged(f"loss is {loss} at step {state['step'] + 1} (epoch {epoch + 1}, stage {stage}, "
                                    f"batch {k + 1}/{len(steps)}); stopped without saving: {last_good(ckpt_path, saved)}")
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(state["step"], per_epoch * n_epochs, args)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if WORLD > 1 and state["step"] == first_step + 1:  # after the first step AdamW's moments exist
@@ -325,6 +327,15 @@ def make_model(args, ckpt, train_records, device):
 def make_optimizer(model, args):
     # AdamW over every parameter with the same weight decay, as the official code does.
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def lr_at(step, total_steps, args):
+    """The learning rate of optimizer step `step` (from 0): --lr throughout, as the paper trains; with --decay_lr,
+    a cosine from --lr down to --lr / 10 over the run's total_steps (nanoGPT's schedule, without its warmup)."""
+    if not args.decay_lr:
+        return args.lr
+    t = min(step / max(total_steps, 1), 1.0)
+    return args.lr / 10 + 0.5 * (1 + math.cos(math.pi * t)) * (args.lr - args.lr / 10)
 
 
 def resets_optimizer(epoch, args):

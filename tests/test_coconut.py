@@ -78,6 +78,42 @@ def test_forward_equals_naive_reference(n_thoughts, family):
     assert abs(loss.item() - want_loss.item()) < 1e-5
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("n_thoughts", [[0, 0], [1, 1, 1], [6, 2, 0, 3]])
+def test_the_last_block_runs_only_where_a_label_is_read(n_thoughts, family):
+    # training's forward runs the last block only in the columns that predict a label (gpt's out_cols): the loss
+    # of the naive reference, and the gradients of the forward that runs every column
+    m = model(family=family).train()
+    ids, mask, labels, pos = batch(sequences(n_thoughts))
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, -4:] = True
+    keep[0, 2] = keep[-1, 4] = True  # a label inside a question, in one row only
+    labels = torch.where(keep, labels, torch.full_like(labels, -100))
+    read = torch.nn.functional.pad((labels[:, 1:] != -100).any(0), (0, 1))
+    assert read.sum() <= read.numel() // 2  # most columns are skipped
+    grads = []
+    for with_logits in (False, True):  # False: the pruned forward; True: every column (read=None)
+        m.zero_grad()
+        loss, _ = m(ids, mask, labels, pos, with_logits=with_logits)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (pruned, g), (full, want) = grads
+    assert abs(pruned - full) < 1e-6 and g.keys() == want.keys()
+    assert all(torch.allclose(g[n], want[n], atol=1e-6, rtol=1e-5) for n in g), \
+        max((g[n] - want[n]).abs().max().item() for n in g)
+    with torch.no_grad():
+        logits, _ = naive_logits(m.eval(), ids, mask, pos)
+    naive = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    assert abs(pruned - naive.item()) < 1e-5
+    # the hidden states that are read are the full forward's, the others zero
+    with torch.no_grad():
+        h_read, _ = m.think(ids, mask, pos, read)
+        h_all, _ = m.think(ids, mask, pos)
+    rows = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))
+    assert torch.allclose(h_read[rows], h_all[rows], atol=1e-5, rtol=0)
+    assert (h_read.abs().amax((0, 2)) == 0).sum() >= read.numel() - read.sum() - max(n_thoughts) - 1
+
+
 def test_thoughts_change_the_answer_and_pause_is_an_ordinary_token():
     ids, mask, labels, pos = batch(sequences([4, 2]))
     with torch.no_grad():

@@ -96,6 +96,32 @@ def test_reach_random_roads_and_steps_of_two_hops(tmp_path):
     assert all(len(r["steps"]) == 2 and all(len(s.split()) == 2 for s in r["steps"]) for r in records)
 
 
+def test_reach_chain_written_backward(tmp_path, capsys):
+    # the control for CoT: the steps climb from the first option up its one parent at a time to a first-layer
+    # node; the answer is that option when the climb ends at the start, the other one when it does not
+    assert reach_prepare.main(["--out_dir", str(tmp_path / "b"), "--chain", "backward", "--n_train", "60",
+                                "--n_valid", "5", "--n_test", "5"]) == 0
+    forward = json.load(open(tmp_path / "b" / "train.json"))
+    ends = set()
+    for r in forward:
+        names = r["idx_to_symbol"]
+        first = r["question"].split(" [Q] ")[1].split()[0]
+        up = [first] + [s for s in r["steps"]]
+        assert len(up) == 6 and all(f"{a}>{b}" in r["question"].split() for b, a in zip(up, up[1:]))
+        assert names.index(up[-1]) < 8  # a first-layer node: the climb is whole
+        ends.add(up[-1] == names[r["root"]])
+        assert (r["answer"] == first) == (up[-1] == names[r["root"]])
+    assert ends == {True, False}  # both cases occur
+    # the same questions as the forward data of the same seed: only the steps differ
+    assert reach_prepare.main(["--out_dir", str(tmp_path / "f"), "--n_train", "60", "--n_valid", "5",
+                                "--n_test", "5"]) == 0
+    plain = json.load(open(tmp_path / "f" / "train.json"))
+    assert [dict(r, steps=None) for r in plain] == [dict(r, steps=None) for r in forward]
+    with pytest.raises(SystemExit) as e:
+        reach_prepare.main(["--out_dir", str(tmp_path / "x"), "--chain", "backward", "--branches", "0"])
+    assert e.value.code == 2 and "--chain backward" in capsys.readouterr().err
+
+
 def test_reach_bad_options(data_dir, capsys):
     prep = reach_prepare
     with pytest.raises(SystemExit) as e:

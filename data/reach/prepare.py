@@ -22,6 +22,11 @@ pass; a chain of thought must pick one of the start's branches before it can see
     python data/reach/prepare.py                           # 30,000 / 500 / 500 questions
     python data/reach/prepare.py --depth 4 --width 10 --fan 2
     python data/reach/prepare.py --branches 0 --open 0.5   # roads open at random instead (docs/search.md, 3)
+    python data/reach/prepare.py --chain backward          # the chain from the first option back to its root
+
+--chain backward is a control for CoT (docs/search.md, 6): every node of a branch has one parent, so the chain
+written from the first option back up its roads needs no guess; the answer is that option if the chain ends
+at the start, else the other one.
 """
 import argparse
 import os
@@ -59,7 +64,8 @@ def reachable(children, start):
     return dist
 
 
-def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_per_step=1, fan=2, max_tries=10000):
+def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_per_step=1, fan=2, backward=False,
+                          max_tries=10000):
     """
     One question whose open roads form separate branches: two first-layer nodes each open n_branches of their
     roads, and each branch grows down the world's roads into nodes that no other branch holds (every node up
@@ -103,7 +109,7 @@ def make_branching_record(rng, names, roads, depth, width, n_branches=3, hops_pe
     mine = reachable(children, start)
     target = rng.choice([v for v in last if v in mine])
     neg = rng.choice([v for v in last if owner.get(v, (None,))[0] == other])
-    return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
+    return finish_record(rng, names, children, start, mine, target, neg, hops_per_step, backward)
 
 
 def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tries=1000):
@@ -129,8 +135,12 @@ def make_record(rng, names, roads, depth, width, p_open, hops_per_step=1, max_tr
     return finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
 
 
-def finish_record(rng, names, children, start, mine, target, neg, hops_per_step):
-    """The record of a question: its open roads in random order, one open path to the target as the steps."""
+def finish_record(rng, names, children, start, mine, target, neg, hops_per_step, backward=False):
+    """
+    The record of a question: its open roads in random order, one open path to the target as the steps
+    (forward from the start), or with backward the path from the first option up to a first-layer node,
+    the one parent of each node in turn (branching questions only).
+    """
     path = [target]  # back from the target through random parents reachable from the start: one hop a layer
     while path[-1] != start:
         path.append(rng.choice([v for v in mine if path[-1] in children[v]]))
@@ -141,6 +151,12 @@ def finish_record(rng, names, children, start, mine, target, neg, hops_per_step)
     question = (" ".join(f"{names[v]}>{names[c]}" for v, c in edges) +
                 f" [Q] {names[options[0]]} {names[options[1]]} [R] {names[start]}")
     walk = [names[v] for v in path[::-1][1:]]
+    if backward:
+        parent = {c: v for v, c in edges}
+        up = [options[0]]
+        while up[-1] in parent:
+            up.append(parent[up[-1]])
+        walk = [names[v] for v in up[1:]]  # the first option's parent, ..., its root
     steps = [" ".join(walk[i:i + hops_per_step]) for i in range(0, len(walk), hops_per_step)]
     return dict(question=question, steps=steps, answer=names[target],
                 idx_to_symbol=names, edges=edges, root=start, target=target, neg_target=neg)
@@ -158,6 +174,9 @@ def main(argv=None):
     p.add_argument("--fan", type=int, default=1, help="most children of a node in a branch (1: every branch a chain)")
     p.add_argument("--hops_per_step", type=int, default=1, help="nodes of the path in one step of the chain of "
                                                                   "thought, which one continuous thought replaces (1)")
+    p.add_argument("--chain", default="forward", choices=("forward", "backward"),
+                   help="the steps: the path from the start to the target (forward), or from the first option back "
+                        "to its root (backward: a control for CoT, branching questions only)")
     p.add_argument("--n_train", type=int, default=30000)
     p.add_argument("--n_valid", type=int, default=500)
     p.add_argument("--n_test", type=int, default=500)
@@ -171,12 +190,15 @@ def main(argv=None):
         p.error("--hops_per_step must be at least 1")
     if not 0 < args.open <= 1:
         p.error("--open must be in (0, 1]")
+    if args.chain == "backward" and not args.branches:
+        p.error("--chain backward needs branching questions (--branches > 0): roads open at random give a node "
+                "several parents")
     make_out_dir(p, args.out_dir)
     rng = random.Random(args.seed)
     names, roads = make_world(rng, args.depth, args.width, args.children)
     if args.branches:
         make = lambda: make_branching_record(rng, names, roads, args.depth, args.width, args.branches,
-                                             args.hops_per_step, args.fan)
+                                             args.hops_per_step, args.fan, args.chain == "backward")
     else:
         make = lambda: make_record(rng, names, roads, args.depth, args.width, args.open, args.hops_per_step)
     key = lambda r: (r["root"], r["target"], r["neg_target"], tuple(sorted(map(tuple, r["edges"]))))
