@@ -87,7 +87,8 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
     ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     assert ck["model"] == {} and ck["optimizer"] is None and ck["shards"] == "shards-18-epoch"
     diff = max_difference(saved_weights(os.path.join(one, "ckpt.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
-    print(f"FSDP (2 processes) vs one process, GPT: max |weight difference| {diff:.1e}")
+    with capsys.disabled():  # shown with pytest -s
+        print(f"\nFSDP (2 processes) vs one process, GPT: max |weight difference| {diff:.1e}")
     assert diff < 1e-5
 
     # memory: the weights and AdamW's state that each process holds, measured on its tensors after the first step
@@ -160,7 +161,8 @@ def test_fsdp_on_a_small_llama_matches_one_process(data_dir, tmp_path, capsys):
         assert (x["val_correct"], x["mean_new_tokens"]) == (y["val_correct"], y["mean_new_tokens"])
     w1, w2 = weights(os.path.join(one, "ckpt.pt")), weights(os.path.join(two, "ckpt.pt"))
     diff = max_difference(w1, w2)
-    print(f"FSDP (2 processes) vs one process, Llama: max |weight difference| {diff:.1e}")
+    with capsys.disabled():  # shown with pytest -s
+        print(f"\nFSDP (2 processes) vs one process, Llama: max |weight difference| {diff:.1e}")
     assert diff < 1e-5
     # --fsdp (whole): one file, as one process writes it, gathered into rank 0
     ck1, ck2 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
