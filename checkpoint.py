@@ -22,6 +22,7 @@ torch.load(weights_only=True), which never runs code from the file.
 import dataclasses
 import json
 import os
+import shutil
 import warnings
 
 import torch
@@ -124,6 +125,17 @@ def shards_folder(ckpt, path):
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise ValueError(f"{path}: its weights are in {folder}, which is missing or incomplete")
     return folder
+
+
+def drop_unused_shards(out_dir):
+    """Removes the shards-* folders of out_dir that neither ckpt.pt nor best.pt names (older saves, interrupted ones)."""
+    folders = [d for d in os.listdir(out_dir) if d.startswith("shards-")]
+    if folders:
+        named = {torch.load(os.path.join(out_dir, f), weights_only=True, mmap=True).get("shards")
+                 for f in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(out_dir, f))}
+        for d in folders:
+            if d not in named:
+                shutil.rmtree(os.path.join(out_dir, d))
 
 
 def read_shards(gpt, folder):

@@ -26,6 +26,7 @@ backward under either choice: autograd holds each block's sum over the passes un
 import contextlib
 import gc
 import os
+import shutil
 import warnings
 
 import torch
@@ -190,12 +191,24 @@ def whole_state(model, optimizer, keep):
 
 
 def save_sharded(model, optimizer, folder):
-    """train.py --fsdp sharded: every process writes its slices of the weights and AdamW's state into folder
-    (torch.distributed.checkpoint: one file per process and a .metadata), nothing gathered anywhere."""
+    """
+    train.py --fsdp sharded: every process writes its slices of the weights and AdamW's state into folder
+    (torch.distributed.checkpoint: one file per process and a .metadata), nothing gathered anywhere. The folder
+    is written under a temporary name and renamed when complete: the file that names it, written afterwards,
+    never names half of one.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    first = dist.get_rank() == 0
+    if first and os.path.exists(folder + ".tmp"):  # left by a run killed while saving
+        shutil.rmtree(folder + ".tmp")
+    dist.barrier()
     weights, adam = get_state_dict(model, optimizer)
-    dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder)
+    dcp.save({"model": weights, "optimizer": adam}, checkpoint_id=folder + ".tmp")  # returns when all have written
+    if first:
+        if os.path.exists(folder):  # saved by a run killed before the file that would name it was written
+            shutil.rmtree(folder)
+        os.replace(folder + ".tmp", folder)
 
 
 def load_sharded(model, optimizer, folder):

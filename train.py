@@ -23,7 +23,6 @@ import math
 import os
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -32,8 +31,9 @@ import torch
 import torch.distributed as dist
 
 import parallel
-from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, load_checkpoint,
-                        read_checkpoint, resolve_device, save_atomic, shards_folder, tokenizer_from_checkpoint)
+from checkpoint import (LATENT_MODES, checkpoint_body, drop_unused_shards, first_line, gpt_from_checkpoint, init_model,
+                        load_checkpoint, read_checkpoint, resolve_device, save_atomic, shards_folder,
+                        tokenizer_from_checkpoint)
 from coconut import Coconut
 from curriculum import build_examples, collate, make_question, prompt, stage_for_epoch
 from evaluate import evaluate, summarize_outputs
@@ -520,7 +520,10 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
         raise Diverged(f"the weights are not finite after step {state['step']}; stopped without saving: "
                        f"{last_good(path, saved)}")
     rngs = parallel.gather(rng_state(device))
-    shards = save_shards(model, optimizer, args, state) if args.fsdp == "sharded" and parallel.is_sharded(model) else None
+    shards = None
+    if args.fsdp == "sharded" and parallel.is_sharded(model):  # each process writes its slices; ckpt.pt names them
+        shards = f"shards-{state['step']}{'-epoch' if state['epoch_complete'] else ''}"
+        parallel.save_sharded(model, optimizer, os.path.join(args.out_dir, shards))
     weights, adam = ({}, None) if shards else parallel.whole_state(model, optimizer, keep=RANK == 0)
     if RANK == 0:
         config = {k: v for k, v in vars(args).items() if k != "typed"}
@@ -536,34 +539,6 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
             f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
         os.replace(metrics + ".tmp", metrics)
     return state["step"]
-
-
-def save_shards(model, optimizer, args, state):
-    """--fsdp sharded: every process writes its slices into a folder of out_dir, written under a temporary name
-    and renamed when complete (ckpt.pt, replaced afterwards, names it: a kill at any moment leaves the last
-    good pair). Returns the folder's name."""
-    name = f"shards-{state['step']}{'-epoch' if state['epoch_complete'] else ''}"
-    folder = os.path.join(args.out_dir, name)
-    if RANK == 0 and os.path.exists(folder + ".tmp"):  # left by a run killed while saving
-        shutil.rmtree(folder + ".tmp")
-    dist.barrier()
-    parallel.save_sharded(model, optimizer, folder + ".tmp")  # returns once every process has written
-    if RANK == 0:
-        if os.path.exists(folder):  # saved once by a run that was killed before its ckpt.pt named it
-            shutil.rmtree(folder)
-        os.replace(folder + ".tmp", folder)
-    return name
-
-
-def drop_unused_shards(out_dir):
-    """Removes the shards-* folders that neither ckpt.pt nor best.pt names (older saves, interrupted ones)."""
-    folders = [d for d in os.listdir(out_dir) if d.startswith("shards-")]
-    if folders:
-        named = {torch.load(os.path.join(out_dir, f), weights_only=True, mmap=True).get("shards")
-                 for f in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(out_dir, f))}
-        for d in folders:
-            if d not in named:
-                shutil.rmtree(os.path.join(out_dir, d))
 
 
 def last_good(path, saved):
