@@ -178,7 +178,7 @@ def whole_state(model, optimizer, keep):
     optimizer.state_dict() with whole tensors, as one process would save them: the weights and the moments
     are the same file whatever the number of processes or --fsdp. Every process calls it; the tensors are
     kept on the CPU where keep (rank 0, which writes the file), None elsewhere. Gathering on one process
-    holds the whole state in its CPU memory: 16 bytes per parameter.
+    holds the weights and moments in its CPU memory: 12 bytes per parameter.
     """
     if not is_sharded(model):
         return model.gpt.state_dict(), optimizer.state_dict()

@@ -1,7 +1,7 @@
-"""train.py --fsdp (parallel.py): 2 gloo processes on the CPU against one process, for a small GPT and a small
-Llama: the same loss at every step and the same weights; each process holds half of the weights and AdamW state;
-SIGKILL, then the command the run printed: bit-identical weights; the checkpoint answers through sample.py as
-the run validated it; and the bad inputs, one line each."""
+"""train.py --fsdp (parallel.py): 2 gloo processes on the CPU against one process, for a small GPT (--fsdp sharded)
+and a small Llama (--fsdp, whole checkpoints): the same loss at every step and the same weights; each process holds
+half of the weights and AdamW state; SIGKILL, then the command the run printed: bit-identical weights; the
+checkpoint answers through sample.py as the run validated it; and the bad inputs, one line each."""
 import json
 import os
 import re
@@ -56,6 +56,13 @@ def saved_weights(path):
     return load_checkpoint(path)[0].gpt.state_dict()
 
 
+def show(request, capsys, text):
+    """Printed under pytest -s only."""
+    if request.config.getoption("capture") == "no":
+        with capsys.disabled():
+            print(text)
+
+
 def max_difference(a, b):
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -66,7 +73,7 @@ def mib(text):
 
 
 @pytest.mark.multiprocess
-def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys):
+def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys, request):
     # --fsdp sharded: every checkpoint is written by both processes, each its slices (the Llama test: whole files)
     common = RUN + ["--data_dir", str(data_dir)]
     one, a, b = str(tmp_path / "one"), str(tmp_path / "a"), str(tmp_path / "b")
@@ -87,8 +94,7 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
     ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
     assert ck["model"] == {} and ck["optimizer"] is None and ck["shards"] == "shards-18-epoch"
     diff = max_difference(saved_weights(os.path.join(one, "ckpt.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
-    with capsys.disabled():  # shown with pytest -s
-        print(f"\nFSDP (2 processes) vs one process, GPT: max |weight difference| {diff:.1e}")
+    show(request, capsys, f"\nFSDP (2 processes) vs one process, GPT: max |weight difference| {diff:.1e}")
     assert diff < 1e-5
 
     # memory: the weights and AdamW's state that each process holds, measured on its tensors after the first step
@@ -141,28 +147,34 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
 
 
 @pytest.mark.multiprocess
-def test_fsdp_on_a_small_llama_matches_one_process(data_dir, tmp_path, capsys):
+def test_fsdp_on_a_small_llama_matches_one_process_and_resumes(data_dir, tmp_path, capsys, request):
+    # --fsdp (whole checkpoints, one file as one process writes it), killed at step 5 (saved at 4) and resumed
     from test_llama import tiny_llama_folder
     records = json.load(open(data_dir / "tiny" / "train.json")) + json.load(open(data_dir / "tiny" / "valid.json"))
     folder = str(tmp_path / "llama")
     tiny_llama_folder(folder, records)
     common = [x for x in TINY if x != "scratch"]
     common[common.index("--init_from") + 1:common.index("--init_from") + 1] = [folder]
-    common += ["--data_dir", str(data_dir), "--epochs", "2", "--uniform_prob", "0.5"]
+    common += ["--data_dir", str(data_dir), "--epochs", "2", "--uniform_prob", "0.5", "--save_every", "4"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert train.main(common + ["--out_dir", one]) == 0
     losses_one = step_losses(capsys.readouterr().out)
-    r = torchrun(["train.py", *common, "--out_dir", two, "--fsdp"])
+    r = torchrun(["train.py", *common, "--out_dir", two, "--fsdp"], env={SIGNAL_HOOK: "5:KILL"})
+    assert r.returncode != 0 and "2 process(es) sharded (FSDP)" in r.stdout
+    assert torch.load(os.path.join(two, "ckpt.pt"), weights_only=True)["step"] == 4
+    argv = shlex.split(re.search(r"continues with `([^`]+)`", r.stdout).group(1))
+    first = step_losses(r.stdout)[:4]
+    r = torchrun(argv[argv.index("train.py"):])
     assert r.returncode == 0, why(r)
-    assert "2 process(es) sharded (FSDP)" in r.stdout
-    assert step_losses(r.stdout) == losses_one and len(losses_one) == 12
+    assert "resuming" in r.stdout and "sharded (FSDP)" in r.stdout
+    # the same loss at every step as one process, before the kill and after the resume
+    assert first + step_losses(r.stdout) == losses_one and len(losses_one) == 12
     for x, y in zip(metrics(one), metrics(two)):
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
         assert (x["val_correct"], x["mean_new_tokens"]) == (y["val_correct"], y["mean_new_tokens"])
     w1, w2 = weights(os.path.join(one, "ckpt.pt")), weights(os.path.join(two, "ckpt.pt"))
     diff = max_difference(w1, w2)
-    with capsys.disabled():  # shown with pytest -s
-        print(f"\nFSDP (2 processes) vs one process, Llama: max |weight difference| {diff:.1e}")
+    show(request, capsys, f"\nFSDP (2 processes) vs one process, Llama: max |weight difference| {diff:.1e}")
     assert diff < 1e-5
     # --fsdp (whole): one file, as one process writes it, gathered into rank 0
     ck1, ck2 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
