@@ -244,7 +244,8 @@ def coconut_batch(rows, question, thoughts, answer, vocab, seed, device):
     row alike: what is measured (communication, time, memory) depends on the shapes only."""
     latent, start, end = vocab - 1, vocab - 2, vocab - 3
     g = torch.Generator().manual_seed(seed)
-    q, a = torch.randint(0, vocab - 3, (rows, question), generator=g), torch.randint(0, vocab - 3, (rows, answer), generator=g)
+    q = torch.randint(0, vocab - 3, (rows, question), generator=g)
+    a = torch.randint(0, vocab - 3, (rows, answer), generator=g)
     col = lambda t: torch.full((rows, 1), t)
     ids = torch.cat([q, col(start), col(latent).expand(-1, thoughts), col(end), a], dim=1)  # (B, L)
     labels = torch.full_like(ids, -100)
@@ -329,9 +330,10 @@ def bench_fsdp(args):
         if not args.device.startswith("cuda"):
             env["TRAIN_BACKEND"] = "gloo"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp),
-               os.path.abspath(__file__), "--fsdp_child", "--sizes", size, "--device", args.device, "--dtype", args.dtype,
-               "--thoughts", str(args.thoughts), "--fsdp_batch", str(args.fsdp_batch), "--fsdp_micro", str(args.fsdp_micro),
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+               os.path.abspath(__file__), "--fsdp_child", "--sizes", size, "--device", args.device,
+               "--dtype", args.dtype, "--thoughts", str(args.thoughts), "--fsdp_batch", str(args.fsdp_batch),
+               "--fsdp_micro", str(args.fsdp_micro), "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"bench.py --fsdp: the {args.fsdp} processes failed:\n{r.stderr[-3000:]}")
@@ -340,11 +342,13 @@ def bench_fsdp(args):
         print(f"[{size}] FSDP over {d['world']} processes ({args.device}, {args.dtype}, {d['threads']} thread(s) each, "
               f"torch {torch.__version__}): one optimizer step of Coconut with {n} thoughts ({n + 1} passes), "
               f"{m} micro-batch(es) of {d['shape'][0]} x {d['shape'][1]} per process, {L} blocks", flush=True)
-        print(f"[{size}] all-gathers per step: train.py --fsdp (gathered once per step) {c['ours'].get('all_gather', 0)} "
+        print(f"[{size}] all-gathers per step: train.py --fsdp (gathered once per step) "
+              f"{c['ours'].get('all_gather', 0)} "
               f"(= {L} blocks + the root), fully_shard's default {c['default'].get('all_gather', 0)} "
               f"(= {m} x (1 + 2 x {L} blocks x {n + 1} passes)); reduce-scatters {c['ours'].get('reduce_scatter', 0)} "
               f"and {c['default'].get('reduce_scatter', 0)} (= {m} x {L + 1})", flush=True)
-        same = all(abs(a - b) <= 1e-5 * abs(b) for w in ("ours", "default") for a, b in zip(d["losses"][w], d["losses"]["DDP"]))
+        same = all(abs(a - b) <= 1e-5 * abs(b)
+                   for w in ("ours", "default") for a, b in zip(d["losses"][w], d["losses"]["DDP"]))
         mib = lambda b: f"{b / 2**20:.1f} MiB"
         print(f"[{size}] step time: --fsdp {t['ours']:.3f} s, default {t['default']:.3f} s, DDP {t['DDP']:.3f} s -> "
               f"(d) --fsdp/DDP = {t['ours'] / t['DDP']:.2f}x, default/DDP = {t['default'] / t['DDP']:.2f}x; "

@@ -128,7 +128,7 @@ def shards_folder(ckpt, path):
 
 
 def drop_unused_shards(out_dir):
-    """Removes the shards-* folders of out_dir that neither ckpt.pt nor best.pt names (older saves, interrupted ones)."""
+    """Removes the shards-* folders of out_dir that neither ckpt.pt nor best.pt names (older or interrupted saves)."""
     folders = [d for d in os.listdir(out_dir) if d.startswith("shards-")]
     if folders:
         named = {torch.load(os.path.join(out_dir, f), weights_only=True, mmap=True).get("shards")

@@ -132,8 +132,8 @@ def test_superposition_record_matches_their_format():
 
 @pytest.mark.multiprocess
 def test_fsdp_counts_and_times_against_ddp():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--fsdp", "2", "--sizes", "tiny", "--threads", "1",
-                        "--thoughts", "3", "--fsdp_micro", "2", "--repeats", "1", "--warmup", "0"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--fsdp", "2", "--sizes", "tiny",
+                        "--threads", "1", "--thoughts", "3", "--fsdp_micro", "2", "--repeats", "1", "--warmup", "0"],
                        cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
@@ -144,7 +144,8 @@ def test_fsdp_counts_and_times_against_ddp():
                                              r".*fully_shard's default (\d+) .*reduce-scatters (\d+) and (\d+)", out))
     assert (ours, default, rs1, rs2) == (3, 2 * (1 + 2 * 2 * 4), 2 * 3, 2 * 3)
     fsdp_s, default_s, ddp_s, ratio, ratio_default = map(float, field(
-        rf"step time: --fsdp {NUM} s, default {NUM} s, DDP {NUM} s -> \(d\) --fsdp/DDP = {NUM}x, default/DDP = {NUM}x", out))
+        rf"step time: --fsdp {NUM} s, default {NUM} s, DDP {NUM} s -> "
+        rf"\(d\) --fsdp/DDP = {NUM}x, default/DDP = {NUM}x", out))
     assert min(fsdp_s, default_s, ddp_s) > 0
     assert ratio == pytest.approx(fsdp_s / ddp_s, abs=0.01) and ratio_default == pytest.approx(default_s / ddp_s, abs=0.01)
     assert "the same losses: True" in out  # the three ways train alike

@@ -128,7 +128,8 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
     assert sample.main(["--ckpt", os.path.join(a, "ckpt.pt"), "--eval", "--batch_size", "4"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     m = metrics(a)[-1]
-    assert row[3] == f"{m['val_correct']}/{m['val_total']}" and float(row[5]) == pytest.approx(m["mean_new_tokens"], abs=0.05)
+    assert row[3] == f"{m['val_correct']}/{m['val_total']}"
+    assert float(row[5]) == pytest.approx(m["mean_new_tokens"], abs=0.05)
     one_file(os.path.join(a, "ckpt.pt"), str(tmp_path / "one-file.pt"))
     assert_same_weights(weights(str(tmp_path / "one-file.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
 
