@@ -21,10 +21,11 @@ DATASET_DEFAULTS = {
                          eval_batch_size=256),
     # reach: the CPU demo's graph search (data/reach/prepare.py; docs/search.md tells how it was found): a
     # 2-layer, 4-head, 128-wide GPT from scratch, bare thoughts that keep their steps' labels (as CoT's), one
-    # epoch a stage, seven at the last one
-    "reach": dict(c_thought=1, max_latent_stage=5, stage_epochs=1, epochs=12, max_new_tokens=10, init_from="scratch",
+    # epoch a stage, three at the last one, one AdamW throughout (from scratch a fresh one every epoch only
+    # slows every method down)
+    "reach": dict(c_thought=1, max_latent_stage=4, stage_epochs=1, epochs=7, max_new_tokens=10, init_from="scratch",
                   n_layer=2, n_head=4, n_embd=128, block_size=128, tokenizer="symbols", markers=0, thought_labels=1,
-                  batch_size=64, grad_accum=1, lr=1e-3, eval_batch_size=250),
+                  batch_size=64, grad_accum=1, lr=1e-3, eval_batch_size=250, reset_optimizer="never"),
     # tiny: the first CPU demo's small world (data/tiny/prepare.py); a 2-layer model from scratch, a larger lr
     "tiny": dict(c_thought=1, max_latent_stage=4, stage_epochs=1, epochs=8, max_new_tokens=48,
                  batch_size=64, grad_accum=1, lr=1e-3),

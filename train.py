@@ -679,9 +679,10 @@ def run_demo(args):
 
 def demo_data(args):
     """
-    The demo's data is its own, made afresh in <out_dir>/data (seed 0: the same questions every time) unless
-    the demo resumes: a data/reach left by an older prepare.py would change the table without a word. With
-    --data_dir typed, that folder's data, made only when it has none. Sets args.data_dir.
+    The demo's data is its own, made afresh in <out_dir>/data unless the demo resumes: a data/reach left by an
+    older prepare.py would change the table without a word. Its world and questions come from --seed (0: the
+    same every time; 1, 2: other worlds, the models seeded alike). With --data_dir typed, that folder's data,
+    made only when it has none. Sets args.data_dir.
     """
     own = "data_dir" not in args.typed
     if own:
@@ -690,8 +691,8 @@ def demo_data(args):
     made = os.path.isfile(os.path.join(data, "test.json"))  # the last file prepare.py writes
     if RANK == 0 and (not made or (own and not args.resume)):
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset, "prepare.py")
-        log(f"making the demo's data: python data/{args.dataset}/prepare.py --out_dir {data}")
-        subprocess.run([sys.executable, script, "--out_dir", data], check=True)
+        log(f"making the demo's data: python data/{args.dataset}/prepare.py --out_dir {data} --seed {args.seed}")
+        subprocess.run([sys.executable, script, "--out_dir", data, "--seed", str(args.seed)], check=True)
 
 
 def test_accuracy(ckpt_path, records, args):

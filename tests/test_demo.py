@@ -69,16 +69,16 @@ def test_reach_questions(data_dir):
     # the demo's questions: two first-layer nodes with three chains each that never meet, every chain reaching
     # the last layer; the start is either of the two, and one of its chains ends in the target
     records = json.load(open(data_dir / "reach" / "train.json"))
-    check_reach(records, depth=5, width=8)
+    check_reach(records, depth=4, width=8)
     starts = []
     for r in records:
         children = [[] for _ in r["idx_to_symbol"]]
         for a, b in r["edges"]:
             children[a].append(b)
         roots = [v for v in range(8) if children[v]]
-        assert len(roots) == 2 and r["root"] in roots and len(r["edges"]) == 2 * 3 * 5
+        assert len(roots) == 2 and r["root"] in roots and len(r["edges"]) == 2 * 3 * 4
         chains = [reach(children, c) for v in roots for c in children[v]]
-        assert len(chains) == 6 and all(len(c) == 5 for c in chains)  # one node a layer: chains
+        assert len(chains) == 6 and all(len(c) == 4 for c in chains)  # one node a layer: chains
         assert all(not (x & y) for i, x in enumerate(chains) for y in chains[i + 1:])  # they never meet
         assert sum(r["target"] in c for c in chains) == 1
         assert len(children[r["root"]]) == 3
@@ -107,7 +107,7 @@ def test_reach_chain_written_backward(tmp_path, capsys):
         names = r["idx_to_symbol"]
         first = r["question"].split(" [Q] ")[1].split()[0]
         up = [first] + [s for s in r["steps"]]
-        assert len(up) == 6 and all(f"{a}>{b}" in r["question"].split() for b, a in zip(up, up[1:]))
+        assert len(up) == 5 and all(f"{a}>{b}" in r["question"].split() for b, a in zip(up, up[1:]))
         assert names.index(up[-1]) < 8  # a first-layer node: the climb is whole
         ends.add(up[-1] == names[r["root"]])
         assert (r["answer"] == first) == (up[-1] == names[r["root"]])

@@ -8,9 +8,9 @@ of their roads each, and every branch grows down the world's roads into nodes th
 chain of one node a layer by default (--fan 1), to the last layer. One of the two roots, drawn after both
 grew, is the start; the question asks which of two last-layer nodes the open roads reach from it:
 
-    question  a4>b6 c2>d1 b4>c2 ... e7>f1 [Q] f2 f1 [R] a4    the open roads (one token each), options, start
-    steps     b4 / c2 / d1 / e7 / f1                          the start's chain that ends in the target
-    answer    f1
+    question  c1>d4 b4>c1 c7>d0 ... c0>d2 [Q] e0 e2 [R] a6    the open roads (one token each), options, start
+    steps     b0 / c3 / d7 / e0                               the start's chain that ends in the target
+    answer    e0
     graph     idx_to_symbol, edges, root, target, neg_target
 
 Every road is one token, so one attention head reads it (a road written as two node tokens needs a circuit a
@@ -19,8 +19,8 @@ small model does not learn in minutes: see docs/search.md). The two trees are al
 pass; a chain of thought must pick one of the start's branches before it can see which one reaches an option
 (from a wrong one, nothing does); continuous thoughts can follow all of them at once.
 
-    python data/reach/prepare.py                           # 30,000 / 500 / 500 questions
-    python data/reach/prepare.py --depth 4 --width 10 --fan 2
+    python data/reach/prepare.py                           # 30,000 / 500 / 500 questions, 4 hops
+    python data/reach/prepare.py --depth 5 --width 10 --fan 2
     python data/reach/prepare.py --branches 0 --open 0.5   # roads open at random instead (docs/search.md, 3)
     python data/reach/prepare.py --chain backward          # the chain from the first option back to its root
 
@@ -165,7 +165,7 @@ def finish_record(rng, names, children, start, mine, target, neg, hops_per_step,
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
-    p.add_argument("--depth", type=int, default=5, help="hops from the start to the options (5)")
+    p.add_argument("--depth", type=int, default=4, help="hops from the start to the options (4)")
     p.add_argument("--width", type=int, default=8, help="nodes per layer (8)")
     p.add_argument("--children", type=int, default=4, help="possible children of every node (4)")
     p.add_argument("--open", type=float, default=0.5, help="probability that a road is open in a question (0.5)")
