@@ -25,8 +25,20 @@ Weights are random (the timings do not depend on them); batches are real ProsQA 
 
     python bench.py --superposition /path/to/reasoning-by-superposition   # theirs needs transformers
     python bench.py --superposition ours                                  # our side alone
+
+(d) --fsdp N: N processes under torchrun (gloo on a CPU, nccl on GPUs), the same Coconut optimizer step three
+    ways: train.py --fsdp (parallel.py: each group's weights gathered once per step), fully_shard's default
+    (a block's weights gathered for each call and freed after it, in the backward too) and DDP. It prints
+    the all-gathers and reduce-scatters per step of both FSDPs, their step time against DDP's (interleaved in
+    the same processes) and what each process holds. The batch is random tokens in Coconut's layout (with
+    --thoughts thoughts in every sequence: the default would hang on processes with different numbers).
+    It runs alone.
+
+    python bench.py --fsdp 2 --sizes small --threads 1      # 2 CPU processes
+    torchrun-free: bench.py starts torchrun itself; on GPUs: python bench.py --fsdp 8 --device cuda --dtype bfloat16
 """
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -48,7 +60,8 @@ from gpt import GPT, GPTConfig
 from records import graph_question, load_records, tokenize
 from tokenizer import gpt2_tokenizer, symbol_tokenizer
 
-SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=4, n_head=4, n_embd=256)}
+SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=4, n_head=4, n_embd=256),
+         "tiny": dict(n_layer=2, n_head=2, n_embd=32)}  # tiny: the tests
 
 
 def sync(device):
@@ -223,6 +236,185 @@ def bench_memory(args):
     if len(rows) == 2:
         line += f" -> {100 * (1 - rows['after']['peak_gb'] / rows['before']['peak_gb']):.0f}% less"
     print(line, flush=True)
+
+
+def coconut_batch(rows, question, thoughts, answer, vocab, seed, device):
+    """A micro-batch of random tokens in Coconut's layout: question tokens, <|start-latent|>, the thoughts'
+    <|latent|>, <|end-latent|>, answer tokens with labels (ids vocab-1, -2, -3 are latent, start, end); every
+    row alike: what is measured (communication, time, memory) depends on the shapes only."""
+    latent, start, end = vocab - 1, vocab - 2, vocab - 3
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, vocab - 3, (rows, question), generator=g)
+    a = torch.randint(0, vocab - 3, (rows, answer), generator=g)
+    col = lambda t: torch.full((rows, 1), t)
+    ids = torch.cat([q, col(start), col(latent).expand(-1, thoughts), col(end), a], dim=1)  # (B, L)
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer:] = a
+    pos = torch.arange(ids.size(1)).expand_as(ids)
+    return [t.to(device) for t in (ids, torch.ones_like(ids), labels, pos)]
+
+
+def fsdp_child(args):
+    """One process of bench_fsdp: the three ways of one size, timed interleaved; rank 0 prints one JSON line."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    import parallel
+    rank, local_rank, world = parallel.setup()
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(args.device)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads or 1)
+    # the collectives that fully_shard calls (torch.distributed.all_gather_single and reduce_scatter_single in
+    # torch 2.13), counted
+    counts = Counter()
+
+    def counted(name, fn):
+        def call(*a, **k):
+            counts[name] += 1
+            return fn(*a, **k)
+        return call
+    dist.all_gather_single = counted("all_gather", dist.all_gather_single)
+    dist.reduce_scatter_single = counted("reduce_scatter", dist.reduce_scatter_single)
+    size, vocab = args.sizes[0], 50260
+    batches = [coconut_batch(args.fsdp_batch, 24, args.thoughts, 16, vocab, 1000 * rank + j, device)
+               for j in range(args.fsdp_micro)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    runs = {}
+    for way in ("ours", "default", "DDP"):
+        torch.manual_seed(0)
+        model = Coconut(GPT(GPTConfig(**SIZES[size], vocab_size=vocab)), vocab - 1, vocab - 2, vocab - 3, 0)
+        if way == "ours":
+            step_model = parallel.wrap(model, device, fsdp=True, bf16=args.dtype == "bfloat16")
+        elif way == "default":
+            for block in model.gpt.transformer.h:
+                fully_shard(block)
+            step_model = fully_shard(model)
+        else:
+            step_model = parallel.wrap(model.to(device), device)
+        runs[way] = (model, step_model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+
+    def step(way):
+        model, step_model, optimizer = runs[way]
+        loss_sum = 0.0
+        with parallel.gathered(model) if way == "ours" else contextlib.nullcontext():
+            for j, (ids, mask, labels, pos) in enumerate(batches):
+                with parallel.no_sync(step_model, last=j == len(batches) - 1), autocast:
+                    loss, _ = step_model(ids, mask, labels, pos)
+                (loss / len(batches)).backward()
+                loss_sum += loss.item() / len(batches)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    times, per_step, losses = {w: [] for w in runs}, {}, {w: [] for w in runs}
+    for r in range(args.warmup + args.repeats):
+        for way in runs:  # interleaved, so a noisy neighbour hits every way alike
+            counts.clear()
+            t, loss = timed(lambda: step(way), args.device)
+            per_step[way], _ = dict(counts), losses[way].append(loss)
+            if r >= args.warmup:
+                times[way].append(t)
+    held = {w: parallel.held_bytes(m, o) for w, (m, _, o) in runs.items()}
+    if rank == 0:
+        print(json.dumps(dict(size=size, world=world, blocks=SIZES[size]["n_layer"], counts=per_step, losses=losses,
+                              seconds={w: statistics.median(v) for w, v in times.items()}, held=held,
+                              shape=list(batches[0][0].shape), threads=torch.get_num_threads())), flush=True)
+    parallel.teardown()
+
+
+def bench_fsdp(args):
+    """(d): bench.py again under torchrun with --fsdp N processes (fsdp_child), one size at a time; its numbers."""
+    for size in args.sizes:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1))
+        if not args.device.startswith("cuda"):
+            env["TRAIN_BACKEND"] = "gloo"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.fsdp),
+               os.path.abspath(__file__), "--fsdp_child", "--sizes", size, "--device", args.device,
+               "--dtype", args.dtype, "--thoughts", str(args.thoughts), "--fsdp_batch", str(args.fsdp_batch),
+               "--fsdp_micro", str(args.fsdp_micro), "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup)]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"bench.py --fsdp: the {args.fsdp} processes failed:\n{r.stderr[-3000:]}")
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        c, t, L, n, m = d["counts"], d["seconds"], d["blocks"], args.thoughts, args.fsdp_micro
+        print(f"[{size}] FSDP over {d['world']} processes ({args.device}, {args.dtype}, {d['threads']} thread(s) each, "
+              f"torch {torch.__version__}): one optimizer step of Coconut with {n} thoughts ({n + 1} passes), "
+              f"{m} micro-batch(es) of {d['shape'][0]} x {d['shape'][1]} per process, {L} blocks", flush=True)
+        print(f"[{size}] all-gathers per step: train.py --fsdp (gathered once per step) "
+              f"{c['ours'].get('all_gather', 0)} "
+              f"(= {L} blocks + the root), fully_shard's default {c['default'].get('all_gather', 0)} "
+              f"(= {m} x (1 + 2 x {L} blocks x {n + 1} passes)); reduce-scatters {c['ours'].get('reduce_scatter', 0)} "
+              f"and {c['default'].get('reduce_scatter', 0)} (= {m} x {L + 1})", flush=True)
+        same = all(abs(a - b) <= 1e-5 * abs(b)
+                   for w in ("ours", "default") for a, b in zip(d["losses"][w], d["losses"]["DDP"]))
+        mib = lambda b: f"{b / 2**20:.1f} MiB"
+        print(f"[{size}] step time: --fsdp {t['ours']:.3f} s, default {t['default']:.3f} s, DDP {t['DDP']:.3f} s -> "
+              f"(d) --fsdp/DDP = {t['ours'] / t['DDP']:.2f}x, default/DDP = {t['default'] / t['DDP']:.2f}x; "
+              f"the same losses: {same}; weights and AdamW state per process: FSDP {mib(d['held']['ours'][0])}, "
+              f"DDP {mib(d['held']['DDP'][0])}", flush=True)
+
+
+# Llama 3's shapes for --fsdp_memory (config.json of meta-llama/Llama-3.2-1B and Llama-3.1-8B)
+LLAMA_SHAPES = {"1b": dict(n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, intermediate_size=8192, tied=True),
+                "8b": dict(n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, intermediate_size=14336, tied=False)}
+LLAMA_VOCAB = 128256
+
+
+def layer_memory_child(args):
+    """
+    One Coconut training step (forward + backward, fp32, no optimizer) of a Llama of the shape's width with
+    1 or 2 blocks and a 1024-token vocabulary, on 8 sequences x 160 columns (112 question tokens, 6 thoughts,
+    40 labelled answer tokens: the measurement behind docs/reproduce.md's 1B figure), in a fresh process:
+    prints {"peak": the peak resident memory the step adds, in bytes, "block_params"}.
+    """
+    import resource
+    from llama import Llama, LlamaConfig
+    shape, layers = args.layer_memory_child[0], int(args.layer_memory_child[1])
+    c = LLAMA_SHAPES[shape]
+    torch.manual_seed(0)
+    gpt = Llama(LlamaConfig(**{k: v for k, v in c.items() if k != "tied"} | dict(n_layer=layers, vocab_size=1024,
+                                                                               block_size=512, rope_scaling=None)))
+    model = Coconut(gpt, 1023, 1022, 1021, 0)
+    ids, mask, labels, pos = coconut_batch(8, 112, 6, 40, 1024, 0, "cpu")
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    loss, _ = model(ids, mask, labels, pos)
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps(dict(peak=peak, block_params=sum(p.numel() for p in gpt.transformer.h[0].parameters()))))
+
+
+def bench_fsdp_memory(args):
+    """
+    --fsdp_memory SHAPE:GPUS: the per-GPU memory of a Llama run under train.py --fsdp --dtype bfloat16 on GPUS
+    GPUs, estimated: what one block adds to a CPU step (layer_memory_child with 2 blocks minus 1) less its fp32
+    gradient gives its activations; the rest follows from the parameter counts (parallel.py's docstring).
+    """
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    for item in args.fsdp_memory:
+        shape, gpus = item.split(":")
+        c, N = LLAMA_SHAPES[shape], int(gpus)
+        m = {}
+        for layers in (1, 2):
+            cmd = [sys.executable, os.path.abspath(__file__), "--layer_memory_child", shape, str(layers),
+                   "--threads", str(args.threads)]
+            m[layers] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+        Pb = m[1]["block_params"] * c["n_layer"]                                # the blocks' parameters
+        Pr = LLAMA_VOCAB * c["n_embd"] * (1 if c["tied"] else 2) + c["n_embd"]  # embeddings, lm_head, final norm
+        act = (m[2]["peak"] - m[1]["peak"] - 4 * m[1]["block_params"]) * c["n_layer"]  # fp32 activations, batch 8
+        sharded, gathered = 16 * (Pb + Pr) / N, 2 * Pb + 4 * Pr  # fp32 weights+grads+AdamW / N; bf16 blocks, fp32 root
+        fixed = sharded + 2 * gathered  # gathered weights, and the whole gradients during Coconut's backward
+        print(f"[{shape}] Llama {shape.upper()} ({(Pb + Pr) / 1e9:.2f}B parameters) under train.py --fsdp --dtype "
+              f"bfloat16 on {N} GPUs, per GPU (estimate; one step of a block measured on this CPU: "
+              f"{gib(m[2]['peak'] - m[1]['peak'])}, of which {gib(4 * m[1]['block_params'])} its fp32 gradient; "
+              f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)):", flush=True)
+        print(f"[{shape}]   fp32 weights, gradients and AdamW's moments / {N}: {gib(sharded)}; gathered for the step "
+              f"(blocks bf16, embeddings and lm_head fp32): {gib(gathered)}; whole gradients during Coconut's backward "
+              f"(the same dtypes): {gib(gathered)}; activations (fp32, an upper figure under autocast): "
+              f"{gib(act)} per micro-batch of 8 x 160 columns", flush=True)
+        print(f"[{shape}]   -> about {gib(fixed + act)} per GPU at --batch_size 8, {gib(fixed + 4 * act)} at 32 "
+              f"(DDP: {gib(16 * (Pb + Pr))} of fp32 state alone)", flush=True)
 
 
 def load_official(path, model):
@@ -635,6 +827,15 @@ def main():
                         "after (today's); no value: both")
     p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
     p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
+    f = p.add_argument_group("(d) --fsdp N: train.py --fsdp, fully_shard's default and DDP over N processes")
+    f.add_argument("--fsdp", type=int, default=0, metavar="N", help="processes (2 on a CPU); the first of --sizes")
+    f.add_argument("--fsdp_batch", type=int, default=4, help="sequences per micro-batch")
+    f.add_argument("--fsdp_micro", type=int, default=2, help="micro-batches per process and optimizer step")
+    f.add_argument("--fsdp_child", action="store_true", help=argparse.SUPPRESS)
+    f.add_argument("--fsdp_memory", nargs="+", default=None, metavar="SHAPE:GPUS",
+                   help="per-GPU memory estimates of Llama runs under --fsdp, from a CPU step of 1 and 2 blocks "
+                        f"({', '.join(LLAMA_SHAPES)}; e.g. 8b:8 1b:2)")
+    f.add_argument("--layer_memory_child", nargs=2, default=None, help=argparse.SUPPRESS)
     s = p.add_argument_group("(c) --superposition: one epoch of the 'Reasoning by Superposition' setting")
     s.add_argument("--superposition", default=None, metavar="CHECKOUT",
                    help="a checkout of Ber666/reasoning-by-superposition to compare with, or 'ours' for our side alone "
@@ -654,6 +855,14 @@ def main():
         torch.set_num_threads(args.threads)
     if args.superposition:
         return bench_superposition(args)
+    if args.fsdp_child:
+        return fsdp_child(args)
+    if args.layer_memory_child:
+        return layer_memory_child(args)
+    if args.fsdp_memory:
+        return bench_fsdp_memory(args)
+    if args.fsdp:
+        return bench_fsdp(args)
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
                   os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]

@@ -15,10 +15,15 @@ torch.load(weights_only=True), which never runs code from the file.
     config      the run's settings (train.py's flags, resolved)
     epoch, stage, step, epoch_step, epoch_complete, best_acc, metrics, ...: where the run stands
     optimizer, rng  (ckpt.pt only, not best.pt): what an exact resume needs
+    shards      (train.py --fsdp sharded only) the folder beside the file, written by torch.distributed.checkpoint,
+                that holds the weights (and, for ckpt.pt, AdamW's state) as every process's slices; "model" is
+                then empty. The loaders here read the weights from it; one_file() writes them into one file.
 """
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 
 import torch
 
@@ -65,10 +70,12 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def checkpoint_body(model, tok, config, **progress):
-    """What best.pt holds (ckpt.pt adds the optimizer and the random states)."""
+def checkpoint_body(model, tok, config, weights=None, **progress):
+    """What best.pt holds (ckpt.pt adds the optimizer and the random states). weights: the GPT's state dict
+    when model.gpt.state_dict() would not give whole tensors (FSDP's slices: parallel.whole_state)."""
     arch = "llama" if isinstance(model.gpt, Llama) else "gpt2"
-    return dict(format=CKPT_FORMAT, arch=arch, model=model.gpt.state_dict(), model_args=dataclasses.asdict(model.gpt.config),
+    weights = model.gpt.state_dict() if weights is None else weights
+    return dict(format=CKPT_FORMAT, arch=arch, model=weights, model_args=dataclasses.asdict(model.gpt.config),
                 coconut=dict(feedback=model.feedback), tokenizer=tok.to_dict(), config=dict(config), **progress)
 
 
@@ -103,10 +110,51 @@ def gpt_from_checkpoint(ckpt, path, dropout=None):
     model_class, config_class = ARCHS[ckpt.get("arch", "gpt2")]
     try:
         gpt = model_class(config_class(**args))
-        gpt.load_state_dict(ckpt["model"])
+        if ckpt.get("shards"):
+            read_shards(gpt, shards_folder(ckpt, path))
+        else:
+            gpt.load_state_dict(ckpt["model"])
     except (TypeError, RuntimeError, AssertionError) as e:
         raise ValueError(f"{path}: corrupt checkpoint (the weights do not fit the model: {first_line(e)})") from None
     return gpt
+
+
+def shards_folder(ckpt, path):
+    """The folder of a sharded checkpoint's slices (train.py --fsdp sharded), beside the file."""
+    folder = os.path.join(os.path.dirname(path), ckpt["shards"])
+    if not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise ValueError(f"{path}: its weights are in {folder}, which is missing or incomplete")
+    return folder
+
+
+def drop_unused_shards(out_dir):
+    """Removes the shards-* folders of out_dir that neither ckpt.pt nor best.pt names (older or interrupted saves)."""
+    folders = [d for d in os.listdir(out_dir) if d.startswith("shards-")]
+    if folders:
+        named = {torch.load(os.path.join(out_dir, f), weights_only=True, mmap=True).get("shards")
+                 for f in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(out_dir, f))}
+        for d in folders:
+            if d not in named:
+                shutil.rmtree(os.path.join(out_dir, d))
+
+
+def read_shards(gpt, folder):
+    """The whole weights from a sharded checkpoint's folder into gpt, in this one process (no process group)."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.load({"model": {"gpt." + k: v for k, v in gpt.state_dict().items()}}, checkpoint_id=folder, no_dist=True)
+
+
+def one_file(path, out):
+    """
+    A sharded checkpoint (train.py --fsdp sharded) as one file in the usual format, the weights inside and
+    no optimizer (best.pt's contents): `python -c "import checkpoint; checkpoint.one_file('out/best.pt',
+    'best-one.pt')"`. Every script reads the sharded one as well; one file travels alone.
+    """
+    model, _, ckpt = load_checkpoint(path)
+    body = {k: v for k, v in ckpt.items() if k not in ("shards", "optimizer", "rng")}
+    save_atomic(dict(body, model=model.gpt.state_dict()), out)
 
 
 def checkpoint_arch(path):

@@ -97,6 +97,11 @@ def build_parser(doc):
     r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="float32, as the paper trained; bfloat16 autocast is faster on a GPU")
     r.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    r.add_argument("--fsdp", nargs="?", const="whole", default=None, choices=("whole", "sharded"),
+                   help="under torchrun: shard the weights, gradients and AdamW's state over the processes (FSDP2) "
+                        "instead of a whole copy in each (DDP), for a model whose training does not fit one GPU; "
+                        "checkpoints: whole (the default: gathered into rank 0, one file) or sharded (every process "
+                        "writes its slices: above a few B parameters)")
     r.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: torch's choice)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--save_every", type=int, default=0, help="also save ckpt.pt every N optimizer steps")

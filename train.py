@@ -7,6 +7,7 @@ Train Coconut (or one of the paper's baselines) through the stage curriculum, in
     python train.py --dataset gsm8k --init_from out-gsm-cot/best.pt --start_epoch 3   # GSM8k Coconut
     python train.py --out_dir out-prosqa-coconut --resume                    # continue a stopped run
     torchrun --nproc_per_node 4 train.py --dataset prosqa                    # several GPUs (DDP)
+    torchrun --nproc_per_node 8 train.py --init_from meta-llama/Llama-3.1-8B --fsdp ...  # sharded (FSDP2)
     python train.py --demo                                                   # the CPU demo, minutes
 
 Every epoch: train at that epoch's stage (its examples rebuilt and reshuffled from (seed, epoch) alone,
@@ -28,10 +29,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import (LATENT_MODES, checkpoint_body, first_line, gpt_from_checkpoint, init_model, load_checkpoint,
-                        read_checkpoint, resolve_device, save_atomic, tokenizer_from_checkpoint)
+import parallel
+from checkpoint import (LATENT_MODES, checkpoint_body, drop_unused_shards, first_line, gpt_from_checkpoint, init_model,
+                        load_checkpoint, read_checkpoint, resolve_device, save_atomic, shards_folder,
+                        tokenizer_from_checkpoint)
 from coconut import Coconut
 from curriculum import build_examples, collate, make_question, prompt, stage_for_epoch
 from evaluate import evaluate, summarize_outputs
@@ -42,12 +44,13 @@ from presets import DEMO, DEMO_METHODS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
 from records import graph_question, load_split, tokenize
 
 SLOW_RUN_HOURS = 2  # a CPU run estimated longer than this after its first step is told about the demo
+SHARDED_CHECKPOINTS_ABOVE = 3e9  # parameters: above, --fsdp whole is told about --fsdp sharded
 
 FEEDBACK_MODES = ("coconut", "no_curriculum", "frontier")  # the modes that feed hidden states back as thoughts
 
 # What a resumed run may change; a different value of anything else would make it another run.
 RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threads", "save_every", "log_every",
-             "eval_every", "max_val", "eval_batch_size", "overwrite"}
+             "eval_every", "max_val", "eval_batch_size", "overwrite", "fsdp"}
 
 RANK, LOCAL_RANK, WORLD = 0, 0, 1  # set by setup_distributed()
 LAUNCH = {"argv": []}              # this run's command-line arguments, for the messages that repeat the command
@@ -72,14 +75,15 @@ def log(*a, **k):
 def train(args):
     """One run; returns its metrics (one dict per epoch)."""
     args, ckpt = settle_config(args)
+    check_parallel(args)
     device, autocast = setup_device(args)
     train_records = load_split(args.data_dir, args.dataset, "train")
     val_records = load_split(args.data_dir, args.dataset, "valid")[:args.max_val or None]
     settle_from_data(args, train_records)
     model, tok = make_model(args, ckpt, train_records, device)
-    step_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if WORLD > 1 else model
+    step_model = parallel.wrap(model, device, args.fsdp, bf16=autocast is not None)  # DDP, FSDP, or the model
     optimizer = make_optimizer(model, args)
-    state = start_state(args, ckpt, optimizer, device)
+    state = start_state(args, ckpt, model, optimizer, device)
     train_tok = [tokenize(r, tok) for r in train_records]
     val_tok = [tokenize(r, tok) for r in val_records]
     if args.max_new_tokens is None:  # a user's data set: what its longest target needs, and some room
@@ -89,13 +93,16 @@ def train(args):
     per_epoch = len(plan_steps(len(train_records), 0, args))
     log(f"{args.mode} on {args.dataset}: {len(train_records)} train / {len(val_records)} valid records; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {args.batch_size} x {args.grad_accum} "
-        f"sequences per step; {WORLD} process(es) on {device}, {'bfloat16' if autocast else 'float32'}")
+        f"sequences per step; {WORLD} process(es){' sharded (FSDP)' if parallel.is_sharded(model) else ''} on "
+        f"{device}, {'bfloat16' if autocast else 'float32'}")
     n_epochs = args.epochs - args.start_epoch
     log(f"{per_epoch} optimizer steps per epoch, {per_epoch * n_epochs} in the whole run ({n_epochs} epoch"
         f"{'' if n_epochs == 1 else 's'}); validation writes up to {args.max_new_tokens} tokens per question")
-    for note in run_notes(args, train_records, per_epoch):
+    log(f"{ckpt_path} is saved after every epoch{f' and every {args.save_every} steps' if args.save_every else ''}; "
+        f"a run stopped in any way, even killed, continues with `{continue_with(args)}`")
+    for note in run_notes(args, train_records, per_epoch, model):
         log(f"note: {note}")
-    noted = False
+    noted, first_step = False, state["step"]
 
     handlers = install_signal_handlers()
     try:
@@ -121,6 +128,8 @@ def train(args):
                     group["lr"] = lr_at(state["step"], per_epoch * n_epochs, args)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if WORLD > 1 and state["step"] == first_step + 1:  # after the first step AdamW's moments exist
+                    log(held_line(model, optimizer))
                 state.update(step=state["step"] + 1, epoch_step=k + 1, epoch_tokens=state["epoch_tokens"] + n_tokens,
                              epoch_loss=[state["epoch_loss"][0] + loss, state["epoch_loss"][1] + 1])
                 run_eta = meter.progress(state, loss, n_tokens, len(steps), args)
@@ -161,16 +170,16 @@ def train_step(step_model, micro_batches, args, tok, device, autocast):
     of the micro-batch losses' gradients, over all processes.
     """
     loss_sum, n_tokens = 0.0, 0
-    for j, examples in enumerate(micro_batches):
-        b = to_device(collate(examples, pad_id=tok.pad_id, latent_id=tok.latent_id), device)
-        # DDP averages the gradients over processes at the micro-batch that ends the step, not before
-        last = WORLD == 1 or j == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else step_model.no_sync():
-            with autocast or contextlib.nullcontext():  # one call per micro-batch, its thoughts' passes inside
-                loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
-            (loss * (WORLD / args.grad_accum)).backward()  # DDP divides by WORLD
-        loss_sum += loss.item() / args.grad_accum
-        n_tokens += int(b["attention_mask"].sum())
+    with parallel.gathered(step_model):  # FSDP: the weights gathered once for every micro-batch and thought pass
+        for j, examples in enumerate(micro_batches):
+            b = to_device(collate(examples, pad_id=tok.pad_id, latent_id=tok.latent_id), device)
+            # DDP averages the gradients over processes at the micro-batch that ends the step, not before
+            with parallel.no_sync(step_model, last=j == len(micro_batches) - 1):
+                with autocast or contextlib.nullcontext():  # one call per micro-batch, its thoughts' passes inside
+                    loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+                (loss * (WORLD / args.grad_accum)).backward()  # DDP and FSDP divide by WORLD
+            loss_sum += loss.item() / args.grad_accum
+            n_tokens += int(b["attention_mask"].sum())
     totals = torch.tensor([loss_sum, n_tokens, float(STOP["requested"])], dtype=torch.float64)
     if WORLD > 1:
         dist.all_reduce(totals)  # every process sees the same loss and the same stop request
@@ -183,17 +192,19 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long,
                               bool(args.markers), bool(args.thought_labels))
-    m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
-             train_loss=state["epoch_loss"][0] / max(state["epoch_loss"][1], 1),
-             val_loss=validation_loss(model, examples, args, tok, device, autocast))
     next_stage = stage_for_epoch(epoch + 1, args.stage_epochs, args.mode, args.max_latent_stage)
     improved = False
-    if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or next_stage != stage:
-        r = validation_accuracy(model, tok, tokenized, [r["answer"] for r in records], stage, args, autocast)
-        m.update(val_acc=r["acc"], val_correct=r["correct"], val_total=r["total"],
-                 mean_new_tokens=r["mean_new_tokens"], mean_thoughts=r["mean_thoughts"])
-        improved = r["acc"] > state["best_acc"]
-        state["best_acc"] = max(state["best_acc"], r["acc"])
+    # FSDP: the weights gathered once for all of it (processes generate for different numbers of passes)
+    with parallel.gathered(model):
+        m = dict(epoch=epoch + 1, stage=stage, step=state["step"],
+                 train_loss=state["epoch_loss"][0] / max(state["epoch_loss"][1], 1),
+                 val_loss=validation_loss(model, examples, args, tok, device, autocast))
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or next_stage != stage:
+            r = validation_accuracy(model, tok, tokenized, [r["answer"] for r in records], stage, args, autocast)
+            m.update(val_acc=r["acc"], val_correct=r["correct"], val_total=r["total"],
+                     mean_new_tokens=r["mean_new_tokens"], mean_thoughts=r["mean_thoughts"])
+            improved = r["acc"] > state["best_acc"]
+            state["best_acc"] = max(state["best_acc"], r["acc"])
     m.update(train_seconds=round(train_seconds, 2), epoch_seconds=round(train_seconds + time.time() - t0, 2),
              tokens_per_second=round(state["epoch_tokens"] / max(train_seconds, 1e-9)))
     acc = (f"val acc {100 * m['val_acc']:.2f}% ({m['val_correct']}/{m['val_total']}), "
@@ -214,7 +225,7 @@ def validation_loss(model, examples, args, tok, device, autocast):
         with autocast or contextlib.nullcontext():
             loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
         mine[i] = loss.item()
-    losses = {i: x for part in gather(mine) for i, x in part.items()}
+    losses = {i: x for part in parallel.gather(mine) for i, x in part.items()}
     model.train()
     return sum(losses[i] for i in range(len(batches))) / len(batches)  # in batch order: the same sum anywhere
 
@@ -234,7 +245,7 @@ def validation_accuracy(model, tok, tokenized, answers, stage, args, autocast):
     with autocast or contextlib.nullcontext():
         r = evaluate(model, tok, [prompts[i] for i in idx], [answers[i] for i in idx], args.max_new_tokens,
                      args.eval_batch_size, progress)
-    parts = gather((idx, r["outputs"], r["seconds_per_question"] * r["total"]))
+    parts = parallel.gather((idx, r["outputs"], r["seconds_per_question"] * r["total"]))
     outputs = [None] * len(prompts)
     for ids, outs, _ in parts:
         for i, o in zip(ids, outs):
@@ -308,6 +319,8 @@ def make_model(args, ckpt, train_records, device):
     if args.compile:
         for block in gpt.transformer.h:
             block.compile(dynamic=True)
+    if args.fsdp and WORLD > 1:
+        return model, tok  # fully_shard moves each process's slices to the device, never the whole model
     return model.to(device), tok
 
 
@@ -359,9 +372,14 @@ def slow_run_note(run_seconds, device):
     return None
 
 
-def run_notes(args, records, per_epoch):
-    """What the first lines should warn about: too few steps to learn, stages with no step left to replace."""
+def run_notes(args, records, per_epoch, model=None):
+    """What the first lines should warn about: too few steps to learn, stages with no step left to replace,
+    whole checkpoints of a sharded model that big."""
     notes = []
+    n = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    if args.fsdp == "whole" and parallel.is_sharded(model) and n > SHARDED_CHECKPOINTS_ABOVE:
+        notes.append(f"every save gathers the whole weights and AdamW's state of these {n / 1e9:.1f}B parameters "
+                     f"into rank 0's CPU memory ({fmt_bytes(12 * n)}): --fsdp sharded has each process write its own")
     total = per_epoch * (args.epochs - args.start_epoch)
     if args.init_from == "scratch" and total < 500:
         notes.append(f"{total} optimizer steps may be too few for a model from scratch (the demo takes 2,000): "
@@ -468,7 +486,7 @@ def settle_config(args):
     return argparse.Namespace(**cfg), ckpt
 
 
-def start_state(args, ckpt, optimizer, device):
+def start_state(args, ckpt, model, optimizer, device):
     """Where the run stands: a new run's start, or the checkpoint's place (its optimizer and random states restored)."""
     state = dict(epoch=args.start_epoch, stage=0, epoch_step=0, epoch_complete=False, step=0, best_acc=-1.0, metrics=[],
                  epoch_loss=[0.0, 0], epoch_tokens=0)
@@ -478,8 +496,10 @@ def start_state(args, ckpt, optimizer, device):
         torch.manual_seed(args.seed + RANK)  # dropout: a stream of its own in each process
         return state
     state.update({k: ckpt[k] for k in state if k in ckpt})
-    if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("shards"):  # --fsdp sharded: the weights and AdamW's state, each process its slices
+        parallel.load_sharded(model, optimizer, shards_folder(ckpt, os.path.join(args.out_dir, "ckpt.pt")))
+    elif ckpt.get("optimizer") is not None:
+        parallel.load_optimizer(optimizer, ckpt["optimizer"])  # whole moments: under FSDP each keeps its slices
     rngs = ckpt.get("rng") or []
     if len(rngs) == WORLD:
         set_rng_state(rngs[RANK], device)
@@ -494,17 +514,25 @@ def start_state(args, ckpt, optimizer, device):
 
 def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, best=False):
     """ckpt.pt (and best.pt), after checking the weights are finite; metrics.jsonl. Every process calls it
-    (the random states are gathered). Returns the step saved."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    (the random states are gathered; under FSDP the weights and AdamW's moments too, into rank 0, so that
+    the file is the same as one process's). Returns the step saved."""
+    if not parallel.all_finite(model):
         raise Diverged(f"the weights are not finite after step {state['step']}; stopped without saving: "
                        f"{last_good(path, saved)}")
-    rngs = gather(rng_state(device))
+    rngs = parallel.gather(rng_state(device))
+    shards = None
+    if args.fsdp == "sharded" and parallel.is_sharded(model):  # each process writes its slices; ckpt.pt names them
+        shards = f"shards-{state['step']}{'-epoch' if state['epoch_complete'] else ''}"
+        parallel.save_sharded(model, optimizer, os.path.join(args.out_dir, shards))
+    weights, adam = ({}, None) if shards else parallel.whole_state(model, optimizer, keep=RANK == 0)
     if RANK == 0:
         config = {k: v for k, v in vars(args).items() if k != "typed"}
-        body = checkpoint_body(model, tok, config, **state, world_size=WORLD)
+        body = checkpoint_body(model, tok, config, weights=weights, **state, world_size=WORLD,
+                               **({"shards": shards} if shards else {}))
         if best:
             save_atomic(body, os.path.join(args.out_dir, "best.pt"))  # no optimizer: what sample.py loads
-        save_atomic(dict(body, optimizer=optimizer.state_dict(), rng=rngs), path)
+        save_atomic(dict(body, optimizer=adam, rng=rngs), path)
+        drop_unused_shards(args.out_dir)
         # metrics.jsonl is rewritten from the checkpoint's list: a resume never loses or repeats a line
         metrics = os.path.join(args.out_dir, "metrics.jsonl")
         with open(metrics + ".tmp", "w") as f:
@@ -557,24 +585,33 @@ def _tuples(x):  # random.setstate wants tuples all the way down
 
 
 # -----------------------------------------------------------------------------
-# Several processes (torchrun): DDP, gloo on CPU, nccl on CUDA
+# Several processes (torchrun): DDP by default, FSDP with --fsdp (parallel.py); gloo on CPU, nccl on CUDA
 
 def setup_distributed():
     global RANK, LOCAL_RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("TRAIN_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-        RANK, WORLD = dist.get_rank(), dist.get_world_size()
-        LOCAL_RANK = int(os.environ.get("LOCAL_RANK", RANK))
+    RANK, LOCAL_RANK, WORLD = parallel.setup()
 
 
-def gather(obj):
-    """Every process's obj, in rank order (a list of one without torchrun)."""
-    if WORLD == 1:
-        return [obj]
-    out = [None] * WORLD
-    dist.all_gather_object(out, obj)
-    return out
+def check_parallel(args):
+    """--fsdp needs several processes, and runs eagerly: one line each (a resumed FSDP run may go on in one)."""
+    if args.fsdp and WORLD == 1 and "fsdp" in args.typed:
+        raise ValueError("--fsdp shards the model over several processes: start it with `torchrun "
+                         "--nproc_per_node N train.py ... --fsdp` (one process holds the whole model anyway)")
+    if args.fsdp and args.compile and WORLD > 1:
+        raise ValueError("--fsdp with --compile is not supported yet (the sharded step is tested eagerly only): "
+                         "drop --compile, or train with DDP (without --fsdp)")
+
+
+def held_line(model, optimizer):
+    """What each process holds of the weights and AdamW's state, measured (every process calls it)."""
+    held = parallel.gather(parallel.held_bytes(model, optimizer))
+    how = "slices (FSDP)" if parallel.is_sharded(model) else "whole copies (DDP)"
+    return (f"weights and AdamW state held per process: {', '.join(fmt_bytes(h) for h, _ in held)} "
+            f"({how}; {fmt_bytes(held[0][1])} in all)")
+
+
+def fmt_bytes(b):
+    return f"{b / 2**30:.3g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB"
 
 
 # -----------------------------------------------------------------------------
@@ -690,8 +727,7 @@ def main(argv=None):
             print(f"train.py: error: {first_line(e)}", file=sys.stderr)
         return 1
     finally:
-        if WORLD > 1:
-            dist.destroy_process_group()
+        parallel.teardown()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def gpt2_bpe_missing():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpt2_bpe: the test tokenizes with GPT-2's BPE (tiktoken's two files); "
                                        "it skips, saying why, where they cannot be loaded")
+    config.addinivalue_line("markers", "multiprocess: the test starts train.py under torchrun (2 gloo processes on "
+                                       "the CPU, several seconds each); `-m 'not multiprocess'` leaves them out "
+                                       "locally, CI runs them")
 
 
 def pytest_runtest_setup(item):

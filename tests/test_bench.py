@@ -128,3 +128,26 @@ def test_superposition_record_matches_their_format():
     D = down[s["target"]]
     for k in range(D + 1):
         assert s["neighbor_k"][str(k)] == sorted(v for v in down if down[v] == k and v in up and k + up[v] == D)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_counts_and_times_against_ddp():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--fsdp", "2", "--sizes", "tiny",
+                        "--threads", "1", "--thoughts", "3", "--fsdp_micro", "2", "--repeats", "1", "--warmup", "0"],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "[tiny] FSDP over 2 processes (cpu, float32, 1 thread(s) each" in out and "2 blocks" in out
+    # gathered once per step: 2 blocks + the root; the default: per micro-batch, the root once and each block
+    # for every pass (3 thoughts: 4 passes), forward and backward
+    ours, default, rs1, rs2 = map(int, field(r"all-gathers per step: train.py --fsdp \(gathered once per step\) (\d+) "
+                                             r".*fully_shard's default (\d+) .*reduce-scatters (\d+) and (\d+)", out))
+    assert (ours, default, rs1, rs2) == (3, 2 * (1 + 2 * 2 * 4), 2 * 3, 2 * 3)
+    fsdp_s, default_s, ddp_s, ratio, ratio_default = map(float, field(
+        rf"step time: --fsdp {NUM} s, default {NUM} s, DDP {NUM} s -> "
+        rf"\(d\) --fsdp/DDP = {NUM}x, default/DDP = {NUM}x", out))
+    assert min(fsdp_s, default_s, ddp_s) > 0
+    assert ratio == pytest.approx(fsdp_s / ddp_s, abs=0.01) and ratio_default == pytest.approx(default_s / ddp_s, abs=0.01)
+    assert "the same losses: True" in out  # the three ways train alike
+    fsdp_mib, ddp_mib = map(float, field(rf"per process: FSDP {NUM} MiB, DDP {NUM} MiB", out))
+    assert fsdp_mib == pytest.approx(ddp_mib / 2, rel=0.02)

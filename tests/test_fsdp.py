@@ -1,0 +1,209 @@
+"""train.py --fsdp (parallel.py): 2 gloo processes on the CPU against one process, for a small GPT (--fsdp sharded)
+and a small Llama (--fsdp, whole checkpoints): the same loss at every step and the same weights; each process holds
+half of the weights and AdamW state; SIGKILL, then the command the run printed: bit-identical weights; the
+checkpoint answers through sample.py as the run validated it; and the bad inputs, one line each."""
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import parallel
+import sample
+import train
+from checkpoint import load_checkpoint, one_file
+from coconut import Coconut
+from gpt import GPT, GPTConfig
+from interrupt import SIGNAL_HOOK
+from test_train import TINY, assert_same_weights, data_dir, weights  # noqa: F401 (data_dir: the fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# TINY, longer and wider so that answers stop before the limit; half the examples at a random stage, so that the
+# two processes' micro-batches hold different numbers of thoughts (different numbers of passes)
+RUN = TINY + ["--n_embd", "64", "--epochs", "3", "--uniform_prob", "0.5", "--save_every", "4"]
+
+
+def torchrun(argv, env=None, timeout=120):
+    """train.py under torchrun with 2 CPU processes (gloo, one thread each)."""
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TRAIN_BACKEND="gloo", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *argv], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def why(r):
+    """What a failed torchrun says: the workers' errors, not the launcher's report."""
+    errors = "\n".join(l for l in r.stderr.splitlines() if "rank" in l or "what()" in l or "Error" in l)
+    return f"{r.stdout[-1500:]}\n{errors[-3000:]}"
+
+
+def step_losses(out):
+    """Every step's loss from the progress lines (--log_every 0: one line per step)."""
+    return [float(x) for x in re.findall(r"\| step \d+/\d+ \(\d+\) \| loss ([0-9.]+) \|", out)]
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def saved_weights(path):
+    """The GPT's weights of a checkpoint, whole or sharded (--fsdp sharded: read from its folder)."""
+    return load_checkpoint(path)[0].gpt.state_dict()
+
+
+def show(request, capsys, text):
+    """Printed under pytest -s only."""
+    if request.config.getoption("capture") == "no":
+        with capsys.disabled():
+            print(text)
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def mib(text):
+    return float(text.split()[0]) * (1024 if text.endswith("GiB") else 1)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys, request):
+    # --fsdp sharded: every checkpoint is written by both processes, each its slices (the Llama test: whole files)
+    common = RUN + ["--data_dir", str(data_dir)]
+    one, a, b = str(tmp_path / "one"), str(tmp_path / "a"), str(tmp_path / "b")
+    assert train.main(common + ["--out_dir", one]) == 0
+    losses_one = step_losses(capsys.readouterr().out)
+    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp", "sharded"])
+    assert r.returncode == 0, why(r)
+    assert "2 process(es) sharded (FSDP) on cpu" in r.stdout
+
+    # the same loss at every step (printed to 4 decimals) and at every epoch, the same weights within float error
+    assert len(losses_one) == 18 and step_losses(r.stdout) == losses_one
+    for x, y in zip(metrics(one), metrics(a)):
+        for k in ("train_loss", "val_loss"):
+            assert x[k] == pytest.approx(y[k], rel=1e-6), k
+        for k in ("val_correct", "val_total", "mean_new_tokens", "mean_thoughts"):  # validation under sharding
+            assert x[k] == y[k], k
+    assert metrics(a)[-1]["mean_new_tokens"] < 24  # the answers stop: generation really ran a varying number of passes
+    ck = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    assert ck["model"] == {} and ck["optimizer"] is None and ck["shards"] == "shards-18-epoch"
+    diff = max_difference(saved_weights(os.path.join(one, "ckpt.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
+    show(request, capsys, f"\nFSDP (2 processes) vs one process, GPT: max |weight difference| {diff:.1e}")
+    assert diff < 1e-5
+
+    # memory: the weights and AdamW's state that each process holds, measured on its tensors after the first step
+    line = next(l for l in r.stdout.splitlines() if l.startswith("weights and AdamW state held per process"))
+    per, total = re.fullmatch(r".*: (.*) \(slices \(FSDP\); (.*) in all\)", line).groups()
+    per = [mib(x) for x in per.split(", ")]
+    ck1 = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)
+    held_one = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in ck1["model"].values()}.values()) + \
+        sum(t.numel() * t.element_size() for s in ck1["optimizer"]["state"].values() for t in s.values())
+    assert mib(total) == pytest.approx(held_one / 2**20, rel=0.01)  # "in all" is what one process holds
+    assert len(per) == 2 and all(p == pytest.approx(mib(total) / 2, rel=0.03) for p in per), line
+
+    # SIGKILL at step 9 (saved at 8), then the command the run printed when it started
+    r = torchrun(["train.py", *common, "--out_dir", b, "--fsdp", "sharded"], env={SIGNAL_HOOK: "9:KILL"})
+    assert r.returncode != 0
+    assert torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["step"] == 8
+    printed = re.search(r"continues with `([^`]+)`", r.stdout).group(1)
+    assert printed == f"torchrun --nproc_per_node 2 train.py --out_dir {b} --resume"
+    argv = shlex.split(printed)
+    r = torchrun(argv[argv.index("train.py"):])
+    assert r.returncode == 0, why(r)
+    assert "resuming" in r.stdout and "sharded (FSDP)" in r.stdout  # --fsdp sharded comes from the checkpoint
+    for name in ("ckpt.pt", "best.pt"):
+        assert_same_weights(saved_weights(os.path.join(a, name)), saved_weights(os.path.join(b, name)))
+    strip = lambda ms: [{k: v for k, v in m.items() if "second" not in k} for m in ms]
+    assert strip(metrics(a)) == strip(metrics(b))
+    named = {torch.load(os.path.join(b, f), weights_only=True)["shards"] for f in ("ckpt.pt", "best.pt")}
+    assert {d for d in os.listdir(b) if d.startswith("shards-")} == named  # older and interrupted saves are gone
+
+    # the checkpoint answers through sample.py as the sharded run's validation scored it; and as one file
+    assert sample.main(["--ckpt", os.path.join(a, "ckpt.pt"), "--eval", "--batch_size", "4"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    m = metrics(a)[-1]
+    assert row[3] == f"{m['val_correct']}/{m['val_total']}"
+    assert float(row[5]) == pytest.approx(m["mean_new_tokens"], abs=0.05)
+    one_file(os.path.join(a, "ckpt.pt"), str(tmp_path / "one-file.pt"))
+    assert_same_weights(weights(str(tmp_path / "one-file.pt")), saved_weights(os.path.join(a, "ckpt.pt")))
+
+    # a sharded checkpoint without its folder: one line
+    shutil.rmtree(os.path.join(b, torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["shards"]))
+    assert sample.main(["--ckpt", os.path.join(b, "ckpt.pt"), "--eval"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "which is missing or incomplete" in err, err
+
+    # one process continues it too: a fourth epoch from the sharded run's checkpoint, then whole files
+    assert train.main(["--out_dir", a, "--resume", "--epochs", "4"]) == 0
+    assert "holds the random states of 2 processes, not 1" in capsys.readouterr().out
+    assert [x["epoch"] for x in metrics(a)] == [1, 2, 3, 4]
+    assert weights(os.path.join(a, "ckpt.pt")) and not [d for d in os.listdir(a) if d.startswith("shards-")
+                                                       and d != torch.load(os.path.join(a, "best.pt"))["shards"]]
+
+
+@pytest.mark.multiprocess
+def test_fsdp_on_a_small_llama_matches_one_process_and_resumes(data_dir, tmp_path, capsys, request):
+    # --fsdp (whole checkpoints, one file as one process writes it), killed at step 5 (saved at 4) and resumed
+    from test_llama import tiny_llama_folder
+    records = json.load(open(data_dir / "tiny" / "train.json")) + json.load(open(data_dir / "tiny" / "valid.json"))
+    folder = str(tmp_path / "llama")
+    tiny_llama_folder(folder, records)
+    common = [x for x in TINY if x != "scratch"]
+    common[common.index("--init_from") + 1:common.index("--init_from") + 1] = [folder]
+    common += ["--data_dir", str(data_dir), "--epochs", "2", "--uniform_prob", "0.5", "--save_every", "4"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert train.main(common + ["--out_dir", one]) == 0
+    losses_one = step_losses(capsys.readouterr().out)
+    r = torchrun(["train.py", *common, "--out_dir", two, "--fsdp"], env={SIGNAL_HOOK: "5:KILL"})
+    assert r.returncode != 0 and "2 process(es) sharded (FSDP)" in r.stdout
+    assert torch.load(os.path.join(two, "ckpt.pt"), weights_only=True)["step"] == 4
+    argv = shlex.split(re.search(r"continues with `([^`]+)`", r.stdout).group(1))
+    first = step_losses(r.stdout)[:4]
+    r = torchrun(argv[argv.index("train.py"):])
+    assert r.returncode == 0, why(r)
+    assert "resuming" in r.stdout and "sharded (FSDP)" in r.stdout
+    # the same loss at every step as one process, before the kill and after the resume
+    assert first + step_losses(r.stdout) == losses_one and len(losses_one) == 12
+    for x, y in zip(metrics(one), metrics(two)):
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-6)
+        assert (x["val_correct"], x["mean_new_tokens"]) == (y["val_correct"], y["mean_new_tokens"])
+    w1, w2 = weights(os.path.join(one, "ckpt.pt")), weights(os.path.join(two, "ckpt.pt"))
+    diff = max_difference(w1, w2)
+    show(request, capsys, f"\nFSDP (2 processes) vs one process, Llama: max |weight difference| {diff:.1e}")
+    assert diff < 1e-5
+    # --fsdp (whole): one file, as one process writes it, gathered into rank 0
+    ck1, ck2 = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (one, two))
+    assert ck2["arch"] == "llama" and "shards" not in ck2
+    assert ck1["optimizer"]["state"].keys() == ck2["optimizer"]["state"].keys()
+    assert ck2["model"]["lm_head.weight"].data_ptr() == ck2["model"]["transformer.wte.weight"].data_ptr()  # still tied
+    assert sample.main(["--ckpt", os.path.join(two, "best.pt"), "--eval", "--batch_size", "4"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    best = max(metrics(two), key=lambda m: m["val_acc"])  # the first epoch of the best accuracy
+    assert row[3] == f"{best['val_correct']}/{best['val_total']}"
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line each, before any collective
+
+def test_fsdp_bad_input(data_dir, tmp_path, capsys, monkeypatch):
+    # without torchrun
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "x"), "--fsdp"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--fsdp shards the model over several processes" in err, err
+    assert "torchrun --nproc_per_node N train.py" in err and not (tmp_path / "x").exists()
+    # with --compile (checked as under torchrun)
+    monkeypatch.setattr(train, "WORLD", 2)
+    with pytest.raises(ValueError, match=r"--fsdp with --compile is not supported yet.*drop --compile") as e:
+        train.check_parallel(train.parse_args(TINY + ["--fsdp", "--compile"]))
+    assert "\n" not in str(e.value)
+    # a model without transformer blocks: refused before fully_shard (no process group needed to say so)
+    gpt = GPT(GPTConfig(n_layer=0, n_head=2, n_embd=32, block_size=16, vocab_size=8))
+    with pytest.raises(ValueError, match=r"--fsdp: the GPT has no transformer blocks .* run it with DDP") as e:
+        parallel.shard(Coconut(gpt, 5, 6, 7, 0), torch.device("cpu"))
+    assert "\n" not in str(e.value)
