@@ -329,7 +329,7 @@ def plot_methods(runs, path, title=""):
         acc = sorted((m["epoch"], 100 * _f(m["val_acc"])) for m in metrics if m.get("val_acc") is not None)
         epochs += [e for e, _ in acc]
         ax.plot([e for e, _ in acc], [a for _, a in acc], "o-", color=COLORS.get(name), label=name)
-    ax.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title="validation questions answered correctly (%)")
+    ax.set(xlabel="epoch", ylabel="validation questions answered correctly (%)", ylim=(0, 100))
     _integer_ticks(ax, epochs)
     ax.grid(alpha=0.3)
     _legend(ax, loc="lower right")

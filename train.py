@@ -441,21 +441,27 @@ def fmt_time(s):
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def stage_table(metrics, others=(), names=("accuracy",)):
-    """Validation accuracy at the last evaluated epoch of each stage, and other runs' at the same epoch."""
-    rows = [f"{'stage':>5} {'epochs':>7} {'steps':>6}" + "".join(f" {n:>10}" for n in names)]
-    by_epoch = [{m["epoch"]: m for m in other} for other in others]
+def stage_table(metrics):
+    """Validation accuracy at the last evaluated epoch of each stage."""
+    rows = [f"{'stage':>5} {'epochs':>7} {'steps':>6} {'accuracy':>9}"]
     for stage in sorted({m["stage"] for m in metrics}):
         ms = [m for m in metrics if m["stage"] == stage and "val_acc" in m]
-        if not ms:
-            continue
-        m = ms[-1]
-        first = min(x["epoch"] for x in metrics if x["stage"] == stage)
-        epochs = f"{first}-{m['epoch']}"
-        row = f"{stage:>5} {epochs:>7} {m['step']:>6} {100 * m['val_acc']:9.2f}%"
-        for other in by_epoch:
-            o = other.get(m["epoch"], {})
-            row += f" {100 * o['val_acc']:9.2f}%" if "val_acc" in o else f" {'-':>10}"
+        if ms:
+            epochs = f"{min(x['epoch'] for x in metrics if x['stage'] == stage)}-{ms[-1]['epoch']}"
+            rows.append(f"{stage:>5} {epochs:>7} {ms[-1]['step']:>6} {100 * ms[-1]['val_acc']:8.2f}%")
+    return "\n".join(rows)
+
+
+def epoch_table(runs, names, thoughts):
+    """The demo's validation accuracy, epoch by epoch: the runs side by side (the first one's epochs), and the
+    continuous thoughts of the first at each (thoughts(stage))."""
+    rows = [f"{'epoch':>5} {'steps':>6} {'thoughts':>8}" + "".join(f" {n:>9}" for n in names)]
+    by_epoch = [{m["epoch"]: m for m in run} for run in runs]
+    for m in runs[0]:
+        row = f"{m['epoch']:>5} {m['step']:>6} {thoughts(m['stage']):>8}"
+        for run in by_epoch:
+            o = run.get(m["epoch"], {})
+            row += f" {100 * o['val_acc']:8.2f}%" if "val_acc" in o else f" {'-':>9}"
         rows.append(row)
     return "\n".join(rows)
 
@@ -665,9 +671,10 @@ def run_demo(args):
         with open(os.path.join(args.out_dir, "summary.json.tmp"), "w") as f:
             json.dump(summary, f, indent=1)
         os.replace(os.path.join(args.out_dir, "summary.json.tmp"), os.path.join(args.out_dir, "summary.json"))
-    log(f"\nvalidation accuracy by stage (CoT and No-CoT after as many optimizer steps), "
-        f"{fmt_time(time.time() - t0)} in all")
-    log(stage_table(runs["coconut"], [runs["cot"], runs["nocot"]], names=("Coconut", "CoT", "No-CoT")))
+    log(f"\nvalidation accuracy by epoch (Coconut's thoughts at each; CoT and No-CoT after as many optimizer "
+        f"steps), {fmt_time(time.time() - t0)} in all")
+    log(epoch_table([runs[m] for m in DEMO_METHODS], ("Coconut", "CoT", "No-CoT"),
+                    lambda stage: min(stage, args.max_latent_stage) * args.c_thought))
     log(f"\n{len(test)} held-out test questions (out_dir/summary.json): best.pt, the best validation accuracy "
         f"(the paper's choice), and the last checkpoint")
     log(f"{'method':>8} {'accuracy':>9} {'tokens/question':>16} {'epoch':>6} {'last':>9} {'epoch':>6}")

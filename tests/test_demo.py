@@ -166,7 +166,7 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
         wa = torch.load(os.path.join(a, mode, "ckpt.pt"), weights_only=True)["model"]
         wb = torch.load(os.path.join(b, mode, "ckpt.pt"), weights_only=True)["model"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa), mode
-    tail = lambda out: out[out.index("validation accuracy by stage"):].split("\n", 1)[1]  # the tables, not the time
+    tail = lambda out: out[out.index("validation accuracy by epoch"):].split("\n", 1)[1]  # the tables, not the time
     assert tail(r.stdout) == tail(run_cli(common + ["--out_dir", b, "--resume"]).stdout)  # finished: nothing to redo
 
 
