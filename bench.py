@@ -36,6 +36,13 @@ Weights are random (the timings do not depend on them); batches are real ProsQA 
 
     python bench.py --fsdp 2 --sizes small --threads 1      # 2 CPU processes
     torchrun-free: bench.py starts torchrun itself; on GPUs: python bench.py --fsdp 8 --device cuda --dtype bfloat16
+
+(e) --demo_step: the CPU demo's optimizer step (reach questions, its 2-layer 128-wide GPT, batch 64, AdamW)
+    for Coconut with all its thoughts, CoT and No-CoT: milliseconds per step with the last block run only in
+    the columns that are read (coconut.py's read, gpt.py's out_cols) and over every column, their ratio, and
+    the matmul FLOP rate of each step against a large fp32 matmul's on this machine. It runs alone.
+
+    python bench.py --demo_step
 """
 import argparse
 import contextlib
@@ -51,12 +58,15 @@ from collections import Counter
 from unittest import mock
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+import data.reach.prepare as reach_prepare
 from analysis import node_groups
 from coconut import Coconut
 from curriculum import build_examples, collate, make_example, make_question
 from evaluate import evaluate
 from gpt import GPT, GPTConfig
+from presets import DATASET_DEFAULTS
 from records import graph_question, load_records, tokenize
 from tokenizer import gpt2_tokenizer, symbol_tokenizer
 
@@ -415,6 +425,60 @@ def bench_fsdp_memory(args):
               f"{gib(act)} per micro-batch of 8 x 160 columns", flush=True)
         print(f"[{shape}]   -> about {gib(fixed + act)} per GPU at --batch_size 8, {gib(fixed + 4 * act)} at 32 "
               f"(DDP: {gib(16 * (Pb + Pr))} of fp32 state alone)", flush=True)
+
+
+def bench_demo_step(args):
+    """(e): the demo's step, the last block where read and everywhere, against the machine's matmul rate."""
+    cfg = DATASET_DEFAULTS["reach"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stdout(None):
+            reach_prepare.main(["--out_dir", tmp, "--n_train", str(cfg["batch_size"] * 8), "--n_valid", "1",
+                                "--n_test", "1"])
+        records = load_records(os.path.join(tmp, "train.json"))
+    tok = symbol_tokenizer(records)
+    n = 2048
+    a = torch.randn(n, n)
+    t, _ = timed(lambda: [a @ a for _ in range(4)], "cpu")
+    peak = 4 * 2 * n ** 3 / t / 1e9
+    print(f"(e) the demo's step: torch {torch.__version__}, {torch.get_num_threads()} threads; a {n}x{n} fp32 matmul "
+          f"runs at {peak:.0f} GFLOP/s here")
+    print(f"{'':>8} {'GFLOP a step':>19} {'ms a step':>19} {'':>6} {'matmul rate':>19}")
+    print(f"{'method':>8} {'where read':>11} {'all':>7} {'where read':>11} {'all':>7} {'ratio':>6} {'GFLOP/s':>9} "
+          f"{'of peak':>9}")
+    for mode, stage in (("coconut", cfg["max_latent_stage"]), ("cot", 0), ("nocot", 0)):
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                            block_size=cfg["block_size"], vocab_size=tok.vocab_size))
+        model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id, feedback=mode == "coconut")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+        examples = build_examples([tokenize(r, tok) for r in records], stage, mode, cfg["c_thought"],
+                                  cfg["max_latent_stage"], tok=tok, markers=bool(cfg["markers"]),
+                                  thought_labels=bool(cfg["thought_labels"]))
+        batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
+                   for i in range(0, len(examples), cfg["batch_size"])]
+
+        def step(b):
+            loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        times, flops = {True: [], False: []}, {}
+        for skip in (True, False):
+            model.skip_unread = skip
+            with FlopCounterMode(display=False) as fc:
+                step(batches[0])
+            flops[skip] = fc.get_total_flops()
+        for r in range(args.warmup + args.repeats):
+            for skip in (True, False):  # interleaved: a noisy neighbour hits both alike
+                model.skip_unread = skip
+                t, _ = timed(lambda: [step(b) for b in batches], "cpu")
+                if r >= args.warmup:
+                    times[skip].append(t / len(batches))
+        read, every = (statistics.median(times[k]) for k in (True, False))
+        rate = flops[True] / read / 1e9
+        print(f"{mode:>8} {flops[True] / 1e9:11.2f} {flops[False] / 1e9:7.2f} {1e3 * read:11.1f} {1e3 * every:7.1f} "
+              f"{read / every:6.2f} {rate:9.1f} {rate / peak:9.0%}")
 
 
 def load_official(path, model):
@@ -827,6 +891,8 @@ def main():
                         "after (today's); no value: both")
     p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
     p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
+    p.add_argument("--demo_step", action="store_true", help="(e) the CPU demo's step, the last block where read "
+                                                             "and everywhere, against the matmul rate")
     f = p.add_argument_group("(d) --fsdp N: train.py --fsdp, fully_shard's default and DDP over N processes")
     f.add_argument("--fsdp", type=int, default=0, metavar="N", help="processes (2 on a CPU); the first of --sizes")
     f.add_argument("--fsdp_batch", type=int, default=4, help="sequences per micro-batch")
@@ -863,6 +929,8 @@ def main():
         return bench_fsdp_memory(args)
     if args.fsdp:
         return bench_fsdp(args)
+    if args.demo_step:
+        return bench_demo_step(args)
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
                   os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]

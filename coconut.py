@@ -37,6 +37,7 @@ class Coconut(nn.Module):
         # feedback=False is the "pause as thought" baseline: <|latent|> stays an ordinary token.
         self.feedback = feedback
         self.chunked_cache = True  # False: the plain, copying cache in training too (bench.py's "before")
+        self.skip_unread = True    # False: the last block over every column in training too (bench.py --demo_step)
 
     def forward(self, input_ids, attention_mask, labels, position_ids, with_logits=False):
         """
@@ -49,7 +50,7 @@ class Coconut(nn.Module):
         # last block, too, runs only in the columns that predict a label (gpt's out_cols).
         targets = labels[:, 1:]                                             # (B, L-1)
         scored = targets != -100
-        read = None if with_logits else F.pad(scored.any(0), (0, 1))       # (L,)
+        read = None if with_logits or not self.skip_unread else F.pad(scored.any(0), (0, 1))  # (L,)
         hidden, _ = self.think(input_ids, attention_mask, position_ids, read)  # (B, L, C)
         loss = F.cross_entropy(self.gpt.lm_head(hidden[:, :-1][scored]), targets[scored])  # (N, V) -> mean
         return loss, (self.gpt.lm_head(hidden) if with_logits else None)

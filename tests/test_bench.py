@@ -151,3 +151,18 @@ def test_fsdp_counts_and_times_against_ddp():
     assert "the same losses: True" in out  # the three ways train alike
     fsdp_mib, ddp_mib = map(float, field(rf"per process: FSDP {NUM} MiB, DDP {NUM} MiB", out))
     assert fsdp_mib == pytest.approx(ddp_mib / 2, rel=0.02)
+
+
+def test_the_demo_step_where_read_and_everywhere():
+    # (e): the demo's three steps, the last block only in the columns that are read against every column: fewer
+    # FLOPs for each method (counted, so this holds on any machine), and the timings printed beside them
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--demo_step", "--threads", "1",
+                        "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"matmul runs at [0-9.]+ GFLOP/s", r.stdout)
+    for mode in ("coconut", "cot", "nocot"):
+        read, every, ms_read, ms_every, ratio = map(float, field(rf"\n\s*{mode}" + rf"\s+{NUM}" * 5, r.stdout))
+        assert 0.5 * every < read < 0.9 * every  # the last of two blocks skips most columns
+        assert ms_read > 0 and ms_every > 0 and ratio == pytest.approx(ms_read / ms_every, abs=0.01)
