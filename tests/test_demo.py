@@ -204,6 +204,11 @@ def test_the_demo_makes_its_own_data(tmp_path, monkeypatch):
         made.clear()
         train.demo_data(train.parse_args(argv))
         assert made == expected, argv
+    # --seed k makes world k: prepare.py is handed the same seed as the models
+    seeds = []
+    monkeypatch.setattr(train.subprocess, "run", lambda cmd, check: seeds.append(cmd[cmd.index("--seed") + 1]))
+    train.demo_data(train.parse_args(["--demo", "--out_dir", out, "--seed", "2"]))
+    assert seeds == ["2"]
 
 
 def test_the_demos_coconut_labels_its_thoughts(data_dir):
