@@ -360,7 +360,8 @@ def bench_fsdp(args):
         same = all(abs(a - b) <= 1e-5 * abs(b)
                    for w in ("ours", "default") for a, b in zip(d["losses"][w], d["losses"]["DDP"]))
         mib = lambda b: f"{b / 2**20:.1f} MiB"
-        print(f"[{size}] step time: --fsdp {t['ours']:.3f} s, default {t['default']:.3f} s, DDP {t['DDP']:.3f} s -> "
+        print(f"[{size}] step time: --fsdp {1e3 * t['ours']:.2f} ms, default {1e3 * t['default']:.2f} ms, DDP "
+              f"{1e3 * t['DDP']:.2f} ms -> "
               f"(d) --fsdp/DDP = {t['ours'] / t['DDP']:.2f}x, default/DDP = {t['default'] / t['DDP']:.2f}x; "
               f"the same losses: {same}; weights and AdamW state per process: FSDP {mib(d['held']['ours'][0])}, "
               f"DDP {mib(d['held']['DDP'][0])}", flush=True)
