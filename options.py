@@ -28,12 +28,12 @@ def build_parser(doc):
     d.add_argument("--data_dir", default="data", help="the folder holding <dataset>/train.json and valid.json (data)")
     d.add_argument("--mode", default="coconut", choices=MODES,
                    help="coconut, or a baseline of the paper's Table 1 (README: Reproducing the paper)")
-    d.add_argument("--stage_epochs", type=int, default=None, help="epochs per stage (5; GSM8k 3; prosqa_graph 25)")
-    d.add_argument("--epochs", type=int, default=None, help="50 (GSM8k 25; prosqa_graph 300)")
+    d.add_argument("--stage_epochs", type=int, default=None, help="epochs per stage (5; GSM8k 3; prosqa_graph 25; reach, the demo's, 1)")
+    d.add_argument("--epochs", type=int, default=None, help="50 (GSM8k 25; prosqa_graph 300; reach 7)")
     d.add_argument("--start_epoch", type=int, default=0,
                    help="skip the first epochs (the official `resume: N`): 3 for GSM8k Coconut from a CoT checkpoint")
     d.add_argument("--c_thought", type=int, default=None, help="continuous thoughts per removed step (1; GSM8k 2)")
-    d.add_argument("--max_latent_stage", type=int, default=None, help="the last stage that removes a step (6; GSM8k 3)")
+    d.add_argument("--max_latent_stage", type=int, default=None, help="the last stage that removes a step (6; GSM8k 3; reach 4)")
     d.add_argument("--pad_latent_to_max", type=int, default=1, choices=(0, 1),
                    help="past the last stage: 1 gives every question max_latent_stage x c thoughts (official), "
                         "0 as many as its steps")
@@ -66,7 +66,8 @@ def build_parser(doc):
                         f"prosqa_graph, reach and tiny)")
     for k in ("n_layer", "n_head", "n_embd", "block_size"):
         m.add_argument(f"--{k}", type=int, default=None, help=f"scratch only ({GENERAL_DEFAULTS[k]}; prosqa_graph "
-                                                              f"{DATASET_DEFAULTS['prosqa_graph'][k]})")
+                                                              f"{DATASET_DEFAULTS['prosqa_graph'][k]}; reach "
+                                                              f"{DATASET_DEFAULTS['reach'][k]})")
     m.add_argument("--tokenizer", default=None, choices=("auto", "compact", "symbols"),
                    help="scratch only: compact (bytes + the data's words), symbols (one token per whitespace-"
                         "separated symbol), auto (symbols when the data looks like symbols)")
@@ -75,20 +76,20 @@ def build_parser(doc):
                         "0 from scratch (prosqa_graph 0.1), the checkpoint's from a .pt")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch_size", type=int, default=None,
-                   help="sequences per micro-batch (32; prosqa_graph 256; tiny 64; a data set of yours from scratch: "
+                   help="sequences per micro-batch (32; prosqa_graph 256; reach and tiny 64; a data set of yours from scratch: "
                         f"what gives {MIN_STEPS_PER_EPOCH} steps per epoch, at most {MAX_SCRATCH_BATCH})")
     o.add_argument("--grad_accum", type=int, default=None,
                    help="micro-batches per optimizer step, summed over all processes (4: 4 x 32 = the paper's 128; "
-                        "1 from scratch on tiny, prosqa_graph or a data set of yours)")
+                        "1 from scratch on reach, tiny, prosqa_graph or a data set of yours)")
     o.add_argument("--lr", type=float, default=None,
-                   help="AdamW learning rate, constant (1e-4; 1e-3 from scratch on tiny or a data set of yours)")
+                   help="AdamW learning rate, constant (1e-4; 1e-3 from scratch on reach, tiny or a data set of yours)")
     o.add_argument("--decay_lr", type=int, default=None, choices=(0, 1),
                    help="1: the learning rate falls along a cosine to lr/10 over the run (nanoGPT's); 0: constant, "
                         "as the paper trains (the default)")
     o.add_argument("--weight_decay", type=float, default=0.01, help="on all parameters, as the official code")
     o.add_argument("--reset_optimizer", default=None, choices=("epoch", "stage", "never"),
                    help="fresh AdamW state every epoch (the official yaml of every curriculum run: the default), "
-                        "at each stage switch (the paper's text), or never (the default for cot and nocot)")
+                        "at each stage switch (the paper's text), or never (the default for cot and nocot, and for reach)")
     r = p.add_argument_group("run")
     r.add_argument("--out_dir", default=None, help="default out-<dataset>-<mode> (out-demo with --demo)")
     r.add_argument("--resume", action="store_true", help="continue <out_dir>/ckpt.pt with its settings")

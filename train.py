@@ -54,6 +54,7 @@ RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threa
 
 RANK, LOCAL_RANK, WORLD = 0, 0, 1  # set by setup_distributed()
 LAUNCH = {"argv": []}              # this run's command-line arguments, for the messages that repeat the command
+DEMO_FLAGS = "demo.json"           # in a demo's out_dir: the flags it was started with, for --demo --resume
 
 
 class Diverged(RuntimeError):
@@ -488,7 +489,8 @@ def settle_config(args):
         elif k in cfg and cfg[k] != getattr(args, k):
             raise ValueError(f"--{k} {getattr(args, k)} differs from the run's {cfg[k]} in {ckpt_path}: a resumed run "
                              f"keeps its settings (it may change {', '.join(sorted(RESUMABLE - {'resume', 'overwrite'}))})")
-    cfg.update(resume=True, out_dir=args.out_dir, typed=args.typed)
+    # where the run is now and how it continues are today's, not the checkpoint's (a moved folder, a demo)
+    cfg.update(resume=True, out_dir=args.out_dir, typed=args.typed, continue_with=getattr(args, "continue_with", None))
     return argparse.Namespace(**cfg), ckpt
 
 
@@ -532,7 +534,7 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
         parallel.save_sharded(model, optimizer, os.path.join(args.out_dir, shards))
     weights, adam = ({}, None) if shards else parallel.whole_state(model, optimizer, keep=RANK == 0)
     if RANK == 0:
-        config = {k: v for k, v in vars(args).items() if k != "typed"}
+        config = {k: v for k, v in vars(args).items() if k not in ("typed", "continue_with")}
         body = checkpoint_body(model, tok, config, weights=weights, **state, world_size=WORLD,
                                **({"shards": shards} if shards else {}))
         if best:
@@ -648,12 +650,13 @@ def parse_args(argv=None):
 
 def run_demo(args):
     t0 = time.time()
+    demo_flags(args)
     demo_data(args)
     if WORLD > 1:
         dist.barrier()
     test = load_split(args.data_dir, args.dataset, "test")
     runs, summary = {}, {}
-    for mode in DEMO_METHODS:
+    for i, mode in enumerate(DEMO_METHODS):
         a = argparse.Namespace(**vars(args))
         a.mode, a.out_dir = mode, os.path.join(args.out_dir, mode)
         # the whole command again: the methods not started yet take their settings from it
@@ -662,7 +665,7 @@ def run_demo(args):
         a.overwrite = not a.resume
         if "reset_optimizer" not in args.typed:
             a.reset_optimizer = "never"  # from scratch a fresh AdamW every epoch only slows every method down
-        log(f"=== {mode} -> {a.out_dir}" + (" (resumed)" if a.resume else ""))
+        log(f"=== {mode} ({i + 1} of {len(DEMO_METHODS)}) -> {a.out_dir}" + (" (resumed)" if a.resume else ""))
         runs[mode] = train(a)
         # as the paper: the checkpoint with the best validation accuracy; the last one beside it
         summary[mode] = test_accuracy(os.path.join(a.out_dir, "best.pt"), test, args)
@@ -672,7 +675,7 @@ def run_demo(args):
             json.dump(summary, f, indent=1)
         os.replace(os.path.join(args.out_dir, "summary.json.tmp"), os.path.join(args.out_dir, "summary.json"))
     log(f"\nvalidation accuracy by epoch (Coconut's thoughts at each; CoT and No-CoT after as many optimizer "
-        f"steps), {fmt_time(time.time() - t0)} in all")
+        f"steps), {fmt_time(time.time() - t0)} for this command")
     log(epoch_table([runs[m] for m in DEMO_METHODS], ("Coconut", "CoT", "No-CoT"),
                     lambda stage: min(stage, args.max_latent_stage) * args.c_thought))
     log(f"\n{len(test)} held-out test questions (out_dir/summary.json): best.pt, the best validation accuracy "
@@ -682,6 +685,60 @@ def run_demo(args):
         s, last = summary[mode], summary[mode]["last"]
         log(f"{name:>8} {100 * s['accuracy']:8.2f}% {s['tokens_per_question']:16.1f} {s['epoch']:6d} "
             f"{100 * last['accuracy']:8.2f}% {last['epoch']:6d}")
+
+
+def demo_flags(args):
+    """
+    A new demo refuses a folder that holds one (as a run does), and writes the flags it was started with to
+    <out_dir>/demo.json: --demo --resume takes them back (resume_demo_argv), so that the methods it has not
+    started yet get the demo's --seed and sizes, whatever the resuming command leaves out.
+    """
+    path = os.path.join(args.out_dir, DEMO_FLAGS)
+    if args.resume:
+        return
+    held = [p for p in [path] + [os.path.join(args.out_dir, m, "ckpt.pt") for m in DEMO_METHODS] if os.path.exists(p)]
+    if held and not args.overwrite:
+        raise ValueError(f"{args.out_dir} already holds a demo ({held[0]}): finish it with `{launcher()} --demo "
+                         f"--out_dir {shlex.quote(args.out_dir)} --resume`, or start afresh with --overwrite or "
+                         f"another --out_dir")
+    if RANK == 0:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"argv": typed_flags(args)}, f)
+        os.replace(path + ".tmp", path)
+
+
+def resume_demo_argv(args):
+    """
+    --demo --resume: the command line that finishes the demo in args.out_dir, its flags from demo.json and
+    then those typed now (a flag typed now with another value than the demo's is one line, but for those a
+    resumed run may change).
+    """
+    path = os.path.join(args.out_dir, DEMO_FLAGS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: {args.out_dir} holds no demo to finish ({path} does not exist): start "
+                                f"one with `{launcher()} --demo --out_dir {shlex.quote(args.out_dir)}`")
+    try:
+        with open(path) as f:
+            saved = json.load(f)["argv"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a demo's flags ({first_line(e)})") from None
+    before = parse_args(["--demo"] + saved)
+    for k in args.typed:
+        if k in before.typed and k not in RESUMABLE and getattr(before, k) != getattr(args, k):
+            raise ValueError(f"--{k} {getattr(args, k)} differs from the demo's {getattr(before, k)} in {path}: a "
+                             f"resumed demo keeps its settings")
+    return ["--demo"] + saved + typed_flags(args, skip=("demo",))
+
+
+def typed_flags(args, skip=("demo", "resume", "overwrite", "out_dir")):
+    """The flags typed on the command line (args.typed), written out again: ["--seed", "1", ...]."""
+    flags = []
+    for k in args.typed:
+        v = getattr(args, k)
+        if k not in skip:
+            flags += ([f"--{k}"] if v else []) if isinstance(v, bool) else [f"--{k}", str(v)]
+    return flags
 
 
 def demo_data(args):
@@ -718,6 +775,9 @@ def main(argv=None):
     args = parse_args(argv)  # bad options end here: argparse prints one line and exits 2
     setup_distributed()
     try:
+        if args.demo and args.resume:  # the demo's own flags back from its folder, then today's
+            args = parse_args(resume_demo_argv(args))
+            LAUNCH["argv"] = ["--demo"] + typed_flags(args, skip=("demo",))  # each flag once, for the messages
         run_demo(args) if args.demo else train(args)
         if WORLD > 1:
             dist.barrier()  # let rank 0 finish its last save before any process tears the group down

@@ -136,7 +136,7 @@ def summary(out_dir):
 
 def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    common = SMALL + ["--data_dir", str(data_dir), "--save_every", "4"]
+    common = SMALL + ["--data_dir", str(data_dir), "--save_every", "4", "--seed", "1"]
     r = run_cli(common + ["--out_dir", a])
     assert r.returncode == 0, r.stderr[-3000:]
     s = summary(a)
@@ -158,7 +158,8 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
     r = run_cli(common + ["--out_dir", b], env={SIGNAL_HOOK: "6:KILL"})
     assert r.returncode == -9, r.stderr[-3000:]
     assert not os.path.exists(os.path.join(b, "cot")) and not os.path.exists(os.path.join(b, "summary.json"))
-    r = run_cli(common + ["--out_dir", b, "--resume"])
+    # the demo's own flags come back from b/demo.json: the bare command finishes it with --seed 1 and its sizes
+    r = run_cli(["--demo", "--out_dir", b, "--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stdout
     assert summary(a) == summary(b)
@@ -168,6 +169,11 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), mode
     tail = lambda out: out[out.index("validation accuracy by epoch"):].split("\n", 1)[1]  # the tables, not the time
     assert tail(r.stdout) == tail(run_cli(common + ["--out_dir", b, "--resume"]).stdout)  # finished: nothing to redo
+    # a finished demo is not started over by accident, a folder without one is not resumed, a flag is kept
+    for argv, said in (([], f"{b} already holds a demo"), (["--overwrite", "--seed", "2", "--resume"], "differs from the demo's 1"),
+                       (["--resume", "--out_dir", str(tmp_path / "none")], "holds no demo to finish")):
+        r = run_cli(["--demo", "--out_dir", b] + argv)
+        assert r.returncode == 1 and said in r.stderr, r.stderr[-3000:]
 
 
 def test_a_stopped_demo_says_how_to_continue(data_dir, tmp_path):
