@@ -403,7 +403,8 @@ def plot_world(world, probs, labels, path, title="", max_cols=3):
                 ax.scatter(*xy[v], s=180, facecolor="none", edgecolor="black", lw=1.2,
                            marker="o" if v == world["root"] else "s", zorder=3)
             for v, (x, y) in enumerate(xy):
-                ax.annotate(names[v], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color="dimgray")
+                ax.annotate(names[v], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=6, color="dimgray",
+                            zorder=4, bbox=dict(facecolor="white", edgecolor="none", pad=0.3, alpha=0.8))
             ax.set_title("the question: start (circle), options (squares)", fontsize="small")
             for g, name in (("gold", "gold path"), ("start", "the start's other branches"),
                             ("other_root", "the other root's branches"), ("unused", "unused nodes")):
