@@ -595,17 +595,22 @@ def pieces(tokenized, example, tok, cfg, stage):
     "thought j" (a removed step's label kept on its thought, --thought_labels), "step j" (j counts the
     record's steps from 1), "###" (the answer marker), "answer", "end" (<|endoftext|>).
     """
+    mode, M = cfg.get("mode", "coconut"), cfg.get("max_latent_stage", 6)
+    if mode in ("icot", "frontier"):
+        raise ValueError(f"--losses names the pieces of Table 1's shapings by step; a {mode} sequence is cut "
+                         f"inside its steps")
     n_labels = sum(x != -100 for x in example["labels"])
     a = list(tokenized.answer)
     marker = tok.encode("###")
     names = ["###" if a[:len(marker)] == marker and i < len(marker) else "end" if i == len(a) - 1 else "answer"
              for i in range(len(a))]
-    skip = 0
-    if cfg.get("mode", "coconut") not in ("cot", "nocot"):
-        skip, _ = removed_steps(stage, len(tokenized.steps), cfg.get("max_latent_stage", 6),
-                                cfg.get("pad_latent_to_max", True))
-    if cfg.get("mode") == "nocot":
+    if mode == "cot":
+        skip = 0  # the steps make_example keeps in words: all for CoT, none for No-CoT and pause tokens
+    elif mode in ("nocot", "pause"):
         skip = len(tokenized.steps)
+    else:
+        skip, _ = removed_steps(M + 1 if mode == "no_curriculum" else stage, len(tokenized.steps), M,
+                                cfg.get("pad_latent_to_max", True))
     for j in range(len(tokenized.steps) - 1, skip - 1, -1):
         names = [f"step {j + 1}"] * len(tokenized.steps[j]) + names
     thoughts = [f"thought {j + 1}" for j in range(n_labels - len(names))]

@@ -537,3 +537,38 @@ def test_path_table():
         assert sum(r[c] for c in A.PATH_CATEGORIES) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="labels but"):
         A.path_table({0: ["correct_path"]}, {0: []})
+
+
+@torch.no_grad()
+def test_piece_losses_name_every_label_and_average_it():
+    # --losses: each labelled token of the training sequence gets its piece's name, for every shaping of Table 1
+    # that keeps whole steps, and the loss of a piece is the mean cross-entropy at its labels
+    from curriculum import make_example
+    from records import tokenize
+    tok = symbol_tokenizer([REACH])
+    t = tokenize(REACH, tok)  # steps b0, c2; answer "### c2" <eos>
+    cases = [(dict(mode="cot"), 0, ["step 1", "step 2", "###", "answer", "end"]),
+             (dict(mode="nocot"), 0, ["###", "answer", "end"]),
+             (dict(mode="coconut", markers=0, thought_labels=1), 1, ["thought 1", "step 2", "###", "answer", "end"]),
+             (dict(mode="coconut", markers=1, thought_labels=0), 2, ["###", "answer", "end"]),
+             (dict(mode="pause_as_thought", markers=0, thought_labels=1, max_latent_stage=2), 5,
+              ["thought 1", "thought 2", "###", "answer", "end"]),
+             (dict(mode="pause", max_latent_stage=2), 0, ["###", "answer", "end"])]
+    for cfg, stage, want in cases:
+        e = make_example(t, stage, cfg["mode"], 1, cfg.get("max_latent_stage", 6), True, 0.0, None, tok,
+                         bool(cfg.get("markers", 1)), bool(cfg.get("thought_labels", 0)))
+        assert A.pieces(t, e, tok, cfg, stage) == want, cfg
+        assert sum(x != -100 for x in e["labels"]) == len(want)
+    with pytest.raises(ValueError, match="frontier"):
+        A.pieces(t, make_example(t, 0, "cot", tok=tok), tok, dict(mode="frontier"), 0)
+    # the numbers: one pass by hand over the CoT sequence of two copies of the record
+    model = Coconut(tiny_gpt(tok.vocab_size, seed=5), tok.latent_id, tok.start_id, tok.end_id, tok.eos_id).eval()
+    rows = A.piece_losses(model, tok, [t, t], dict(mode="cot"), 0)
+    assert [r[0] for r in rows] == ["step 1", "step 2", "###", "answer", "end"] and all(r[3] == 2 for r in rows)
+    ids = make_example(t, 0, "cot", tok=tok)["input_ids"]
+    logits = model.gpt(torch.tensor([ids]))[0][0]  # (T, V)
+    start = len(t.question) - 1  # the question's last token predicts step 1
+    for k, (name, loss, acc, n) in enumerate(rows):
+        want = F.cross_entropy(logits[start + k], torch.tensor(ids[start + k + 1])).item()
+        assert loss == pytest.approx(want, abs=1e-5), name
+        assert acc == float(logits[start + k].argmax().item() == ids[start + k + 1])
