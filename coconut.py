@@ -153,7 +153,6 @@ class Coconut(nn.Module):
         return out, [state["thoughts"][b, :int(state["n_thoughts"][b])] for b in range(B)]
 
 
-
 def _cols(read, start, end):
     """gpt's out_cols for the pass over columns start..end-1: those of them that are read, counted from start."""
     return None if read is None else read[start:end].nonzero().flatten()

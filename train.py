@@ -701,6 +701,8 @@ def demo_flags(args):
         raise ValueError(f"{args.out_dir} already holds a demo ({held[0]}): finish it with `{launcher()} --demo "
                          f"--out_dir {shlex.quote(args.out_dir)} --resume`, or start afresh with --overwrite or "
                          f"another --out_dir")
+    if WORLD > 1:
+        dist.barrier()  # every process has looked before rank 0 writes
     if RANK == 0:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
