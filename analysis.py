@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
-from curriculum import collate, make_example, prompt, removed_steps
+from curriculum import collate, make_example, prompt
 from evaluate import generate_batched
 from records import bfs
 
@@ -589,32 +589,26 @@ def position_node_probs(model, rows, cols, node_ids, batch_size=32):
 # piece each label belongs to. On the demo's data a chain of thought pays for its first step (a guess among
 # the start's branches) and for nothing after it; a chain written backward pays for nothing but the answer.
 
-def pieces(tokenized, example, tok, cfg, stage):
+def pieces(tokenized, example, tok, mode="coconut"):
     """
-    The name of every labelled token of a training example (curriculum.make_example at `stage`), in order:
-    "thought j" (a removed step's label kept on its thought, --thought_labels), "step j" (j counts the
-    record's steps from 1), "###" (the answer marker), "answer", "end" (<|endoftext|>).
+    The name of every labelled token of a training example (curriculum.make_example), in order: "thought j"
+    (a removed step's label kept on its thought, --thought_labels), "step j" (j counts the record's steps
+    from 1), "###" (the answer marker), "answer", "end" (<|endoftext|>). Read off the example itself: the
+    labels on <|latent|> columns are the thoughts', the answer ends it, and the words between are the last
+    steps of the record.
     """
-    mode, M = cfg.get("mode", "coconut"), cfg.get("max_latent_stage", 6)
     if mode in ("icot", "frontier"):
         raise ValueError(f"--losses names the pieces of Table 1's shapings by step; a {mode} sequence is cut "
                          f"inside its steps")
-    n_labels = sum(x != -100 for x in example["labels"])
+    labelled = [i for i, x in zip(example["input_ids"], example["labels"]) if x != -100]
+    n_thoughts = labelled.count(tok.latent_id)
     a = list(tokenized.answer)
     marker = tok.encode("###")
-    names = ["###" if a[:len(marker)] == marker and i < len(marker) else "end" if i == len(a) - 1 else "answer"
-             for i in range(len(a))]
-    if mode == "cot":
-        skip = 0  # the steps make_example keeps in words: all for CoT, none for No-CoT and pause tokens
-    elif mode in ("nocot", "pause"):
-        skip = len(tokenized.steps)
-    else:
-        skip, _ = removed_steps(M + 1 if mode == "no_curriculum" else stage, len(tokenized.steps), M,
-                                cfg.get("pad_latent_to_max", True))
-    for j in range(len(tokenized.steps) - 1, skip - 1, -1):
-        names = [f"step {j + 1}"] * len(tokenized.steps[j]) + names
-    thoughts = [f"thought {j + 1}" for j in range(n_labels - len(names))]
-    return thoughts + names
+    answer = ["###" if a[:len(marker)] == marker and i < len(marker) else "end" if i == len(a) - 1 else "answer"
+              for i in range(len(a))]
+    words = [f"step {j + 1}" for j, s in enumerate(tokenized.steps) for _ in s]  # one name per step token
+    kept = len(labelled) - n_thoughts - len(answer)
+    return [f"thought {j + 1}" for j in range(n_thoughts)] + words[len(words) - kept:] + answer
 
 
 @torch.no_grad()
@@ -639,7 +633,7 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
         hits = logits[:, :-1].argmax(-1) == targets
         for r, (t, e) in enumerate(zip(tokenized[i:i + batch_size], chunk)):
             cols = (targets[r] != -100).nonzero().flatten().tolist()
-            for name, c in zip(pieces(t, e, tok, cfg, stage), cols):
+            for name, c in zip(pieces(t, e, tok, cfg.get("mode", "coconut")), cols):
                 acc = sums.setdefault(name, [0.0, 0, 0])
                 acc[0] += losses[r, c].item()
                 acc[1] += int(hits[r, c])

@@ -557,10 +557,10 @@ def test_piece_losses_name_every_label_and_average_it():
     for cfg, stage, want in cases:
         e = make_example(t, stage, cfg["mode"], 1, cfg.get("max_latent_stage", 6), True, 0.0, None, tok,
                          bool(cfg.get("markers", 1)), bool(cfg.get("thought_labels", 0)))
-        assert A.pieces(t, e, tok, cfg, stage) == want, cfg
+        assert A.pieces(t, e, tok, cfg["mode"]) == want, cfg
         assert sum(x != -100 for x in e["labels"]) == len(want)
     with pytest.raises(ValueError, match="frontier"):
-        A.pieces(t, make_example(t, 0, "cot", tok=tok), tok, dict(mode="frontier"), 0)
+        A.pieces(t, make_example(t, 0, "cot", tok=tok), tok, "frontier")
     # the numbers: one pass by hand over the CoT sequence of two copies of the record
     model = Coconut(tiny_gpt(tok.vocab_size, seed=5), tok.latent_id, tok.start_id, tok.end_id, tok.eos_id).eval()
     rows = A.piece_losses(model, tok, [t, t], dict(mode="cot"), 0)
