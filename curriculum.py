@@ -28,9 +28,9 @@ import random
 import numpy as np
 import torch
 
-from icot import make_icot_example
-from records import check_length
-from tokenizer import gpt2_tokenizer
+from machinery.icot import make_icot_example
+from machinery.records import check_length
+from machinery.tokenizer import gpt2_tokenizer
 
 
 # The paper's Table 1 rows, as shapings of a record:

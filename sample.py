@@ -39,12 +39,12 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
-import analysis
-import plots
-from checkpoint import first_line, load_checkpoint, resolve_device
+from machinery import analysis
+from machinery import plots
+from machinery.checkpoint import first_line, load_checkpoint, resolve_device
 from curriculum import PLAIN, final_stage, is_correct, prompt
-from evaluate import evaluate, generate_batched
-from records import load_records, load_split, tokenize
+from machinery.evaluate import evaluate, generate_batched
+from machinery.records import load_records, load_split, tokenize
 
 METHOD_NAMES = {"coconut": "Coconut", "cot": "CoT", "nocot": "No-CoT"}  # the demo's three runs, in its order
 

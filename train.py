@@ -30,18 +30,18 @@ import time
 import torch
 import torch.distributed as dist
 
-import parallel
-from checkpoint import (LATENT_MODES, checkpoint_body, drop_unused_shards, first_line, gpt_from_checkpoint, init_model,
+from machinery import parallel
+from machinery.checkpoint import (LATENT_MODES, checkpoint_body, drop_unused_shards, first_line, gpt_from_checkpoint, init_model,
                         load_checkpoint, read_checkpoint, resolve_device, save_atomic, shards_folder,
                         tokenizer_from_checkpoint)
 from coconut import Coconut
 from curriculum import build_examples, collate, make_question, prompt, stage_for_epoch
-from evaluate import evaluate, summarize_outputs
-from icot import icot_epoch
-from interrupt import STOP, install_signal_handlers, restore_signal_handlers, send_test_signal
-from options import build_parser, check_args
-from presets import DEMO, DEMO_METHODS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
-from records import graph_question, load_split, tokenize
+from machinery.evaluate import evaluate, summarize_outputs
+from machinery.icot import icot_epoch
+from machinery.interrupt import STOP, install_signal_handlers, restore_signal_handlers, send_test_signal
+from machinery.options import build_parser, check_args
+from machinery.presets import DEMO, DEMO_METHODS, MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH
+from machinery.records import graph_question, load_split, tokenize
 
 SLOW_RUN_HOURS = 2  # a CPU run estimated longer than this after its first step is told about the demo
 SHARDED_CHECKPOINTS_ABOVE = 3e9  # parameters: above, --fsdp whole is told about --fsdp sharded

@@ -17,7 +17,7 @@ _BPE = {}
 def gpt2_bpe_missing():
     """Why GPT-2's BPE cannot be loaded here (None when it can): a fresh clone offline has no tiktoken cache."""
     if "why" not in _BPE:
-        from tokenizer import gpt2_tokenizer
+        from machinery.tokenizer import gpt2_tokenizer
         try:
             gpt2_tokenizer()
             _BPE["why"] = None

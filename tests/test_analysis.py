@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import analysis as A
+import machinery.analysis as A
 import data.prosqa.prepare as prosqa_data
 from coconut import Coconut
-from evaluate import generate_batched
+from machinery.evaluate import generate_batched
 from gpt import GPT, GPTConfig
-from records import graph_question
-from tokenizer import gpt2_tokenizer, symbol_tokenizer
+from machinery.records import graph_question
+from machinery.tokenizer import gpt2_tokenizer, symbol_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSQA = os.path.join(os.path.dirname(ROOT), "shared", "data", "prosqa_valid.json")
@@ -544,7 +544,7 @@ def test_piece_losses_name_every_label_and_average_it():
     # --losses: each labelled token of the training sequence gets its piece's name, for every shaping of Table 1
     # that keeps whole steps, and the loss of a piece is the mean cross-entropy at its labels
     from curriculum import make_example
-    from records import tokenize
+    from machinery.records import tokenize
     tok = symbol_tokenizer([REACH])
     t = tokenize(REACH, tok)  # steps b0, c2; answer "### c2" <eos>
     cases = [(dict(mode="cot"), 0, ["step 1", "step 2", "###", "answer", "end"]),

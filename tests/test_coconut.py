@@ -4,7 +4,7 @@ import torch
 
 from coconut import Coconut
 from gpt import GPT, GPTConfig
-from llama import Llama, LlamaConfig
+from machinery.llama import Llama, LlamaConfig
 
 V, EOS, START, END, LATENT = 60, 56, 57, 58, 59
 FAMILIES = ["gpt2", "llama"]  # Coconut is the same code on both

@@ -10,8 +10,8 @@ import torch
 
 import curriculum as C
 import data.prosqa.prepare as prosqa_data
-from records import Tokenized, check_length, load_records, tokenize
-from tokenizer import GPT2_SPLIT, Tokenizer, compact_tokenizer, gpt2_tokenizer
+from machinery.records import Tokenized, check_length, load_records, tokenize
+from machinery.tokenizer import GPT2_SPLIT, Tokenizer, compact_tokenizer, gpt2_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROSQA_VALID = os.path.join(ROOT, "..", "shared", "data", "prosqa_valid.json")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data.reach.prepare as reach_prepare
-from interrupt import SIGNAL_HOOK
+from machinery.interrupt import SIGNAL_HOOK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Seconds, not minutes: a 1-layer, 32-wide model, 2 epochs of 8 steps for each of the three methods.
@@ -221,8 +221,8 @@ def test_the_demos_coconut_labels_its_thoughts(data_dir):
     # the demo's preset turns --thought_labels on, and train.py hands it to the curriculum: at stage 3 the three
     # thoughts carry the first three steps' labels (bare thoughts, no markers)
     import train
-    from records import load_split, tokenize
-    from tokenizer import symbol_tokenizer
+    from machinery.records import load_split, tokenize
+    from machinery.tokenizer import symbol_tokenizer
     args = train.parse_args(["--demo", "--data_dir", str(data_dir)])
     assert (args.mode, args.thought_labels, args.markers) == ("coconut", 1, 0)
     records = load_split(str(data_dir), "reach", "train")

@@ -9,8 +9,8 @@ import curriculum as C
 import test_coconut
 from coconut import Coconut
 from gpt import GPT, GPTConfig
-from records import shortest_path_layers, tokenize
-from tokenizer import symbol_tokenizer
+from machinery.records import shortest_path_layers, tokenize
+from machinery.tokenizer import symbol_tokenizer
 
 # root 0 -> 1, 2; 1 -> 3; 2 -> 3, 4; 3 -> 5 (the target); 4 -> 6; 7 -> 8 (the negative's component)
 GRAPH = dict(idx_to_symbol=list("rabcdtxyn"), edges=[[0, 1], [0, 2], [1, 3], [2, 3], [2, 4], [3, 5], [4, 6], [7, 8]],

@@ -13,13 +13,13 @@ import sys
 import pytest
 import torch
 
-import parallel
+from machinery import parallel
 import sample
 import train
-from checkpoint import load_checkpoint, one_file
+from machinery.checkpoint import load_checkpoint, one_file
 from coconut import Coconut
 from gpt import GPT, GPTConfig
-from interrupt import SIGNAL_HOOK
+from machinery.interrupt import SIGNAL_HOOK
 from test_train import TINY, assert_same_weights, data_dir, weights  # noqa: F401 (data_dir: the fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

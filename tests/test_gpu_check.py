@@ -17,7 +17,7 @@ def gpu_check(*flags, out=None, timeout=300):
     env.pop("OUT", None)
     if out is not None:
         env["OUT"] = str(out)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py"), *flags], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "gpu_check.py"), *flags], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

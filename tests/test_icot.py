@@ -6,10 +6,10 @@ import pytest
 import tiktoken
 import torch
 
-from icot import (ICOT, ICOT_GSM8K, all_chains_removed, make_icot_example, removal_distribution, removal_offsets,
+from machinery.icot import (ICOT, ICOT_GSM8K, all_chains_removed, make_icot_example, removal_distribution, removal_offsets,
                   removal_schedule)
-from records import Tokenized, tokenize
-from tokenizer import gpt2_tokenizer
+from machinery.records import Tokenized, tokenize
+from machinery.tokenizer import gpt2_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GSM_VALID = os.path.join(ROOT, "..", "shared", "data", "gsm8k_aug_valid.txt")

@@ -13,9 +13,9 @@ import threading
 import pytest
 import torch
 
-from llama import Llama, LlamaConfig, hub_folder
-from records import tokenize
-from tokenizer import LLAMA3_SPECIAL, Tokenizer, llama3_tokenizer
+from machinery.llama import Llama, LlamaConfig, hub_folder
+from machinery.records import tokenize
+from machinery.tokenizer import LLAMA3_SPECIAL, Tokenizer, llama3_tokenizer
 
 # head_dim 8: four frequencies; with original_max_position_embeddings 16 the fastest one (wavelength 6.3)
 # lies in Llama 3's blended band and the three slower ones are divided by `factor`: every branch is used.
@@ -153,7 +153,7 @@ def test_logits_equal_the_reference_with_padding_positions_and_cache(tied):
 
 @torch.no_grad()
 def test_attention_probs_of_the_analyses_on_llama():
-    from analysis import attention_probs
+    from machinery.analysis import attention_probs
     model = random_model()
     sd = hf_tensors(model)
     seqs = [torch.randint(0, 64, (n,)) for n in (12, 8)]
@@ -171,7 +171,7 @@ def test_attention_probs_of_the_analyses_on_llama():
 
 
 def test_rope_scaling_is_llama3s_and_positions_matter():
-    from llama import rope_frequencies
+    from machinery.llama import rope_frequencies
     c = LlamaConfig(**CONFIG)
     assert torch.allclose(rope_frequencies(c), reference_inv_freq(CONFIG), rtol=1e-6, atol=0)
     plain = LlamaConfig(**{**CONFIG, "rope_scaling": None})
@@ -457,7 +457,7 @@ def test_equals_hugging_face_llama(tmp_path):
 def tiny_llama_folder(folder, records, seed=0):
     """A random 1-layer Llama with a rank file of the records' own words (GPT-2-like pieces), as a folder."""
     import regex
-    from tokenizer import LLAMA3_SPLIT, _texts
+    from machinery.tokenizer import LLAMA3_SPLIT, _texts
     words = sorted({p for r in records for t in _texts(r) for p in regex.findall(LLAMA3_SPLIT, t) if len(p.encode()) > 1})
     ranks = rank_file(words)
     n = 256 + len(words) + 256
@@ -471,8 +471,8 @@ def tiny_llama_folder(folder, records, seed=0):
 def test_train_resume_and_sample_on_a_tiny_llama(tmp_path, capsys):
     import sample
     import train
-    from checkpoint import init_model, load_checkpoint
-    from interrupt import SIGNAL_HOOK
+    from machinery.checkpoint import init_model, load_checkpoint
+    from machinery.interrupt import SIGNAL_HOOK
     import data.tiny.prepare as tiny_prepare
     from test_train import assert_same_weights, run_cli, weights
 

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-import analysis as A
-import plots
+import machinery.analysis as A
+from machinery import plots
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
@@ -220,8 +220,8 @@ def test_cli_plots_metrics_jsonl(mpl, tmp_path, monkeypatch, capsys):
             dict(epoch=2, stage=1, train_loss=0.8, val_loss=0.9, val_acc=0.7)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")  # a trailing blank line is skipped
     assert plots.read_metrics(str(path)) == rows
-    monkeypatch.setattr(sys, "argv", ["plots.py", str(path)])
-    runpy.run_path(os.path.join(ROOT, "plots.py"), run_name="__main__")  # in-process: no second matplotlib import
+    monkeypatch.setattr(sys, "argv", ["machinery/plots.py", str(path)])
+    runpy.run_path(os.path.join(ROOT, "machinery", "plots.py"), run_name="__main__")  # in-process: no second matplotlib import
     assert capsys.readouterr().out.strip() == str(tmp_path / "metrics.png")
     check_png(str(tmp_path / "metrics.png"), 2)
 
@@ -255,7 +255,7 @@ def test_without_matplotlib_every_function_returns_missing(monkeypatch, tmp_path
 
 
 def test_plots_imports_without_matplotlib():
-    code = ("import sys; sys.modules['matplotlib'] = None; import plots; print('torch' in sys.modules); "
+    code = ("import sys; sys.modules['matplotlib'] = None; from machinery import plots; print('torch' in sys.modules); "
             "print(plots.plot_run([dict(epoch=1, stage=0, train_loss=1.0, val_loss=1.0)], 'never.png'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -12,17 +12,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import analysis
+from machinery import analysis
 import data.tiny.prepare as tiny_prepare
 import sample
 import train
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from coconut import Coconut
 from curriculum import is_correct, prompt
-from evaluate import evaluate, generate_batched
+from machinery.evaluate import evaluate, generate_batched
 from gpt import GPT, GPTConfig
-from records import tokenize
-from tokenizer import compact_tokenizer
+from machinery.records import tokenize
+from machinery.tokenizer import compact_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

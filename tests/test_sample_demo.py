@@ -11,13 +11,13 @@ import shlex
 import pytest
 import torch
 
-import analysis
+from machinery import analysis
 import data.reach.prepare as reach_prepare
-import options
-import plots
+from machinery import options
+from machinery import plots
 import sample
 import train
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 from curriculum import MODES
 from tests.test_demo import SMALL
 

@@ -10,7 +10,7 @@ import pytest
 
 import sample
 import train
-from checkpoint import load_checkpoint
+from machinery.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--stage_epochs", "2", "--epochs", "10",
@@ -44,8 +44,8 @@ def test_the_preset_passes_every_stage(run):
 
 
 def test_edges_are_reshuffled_every_epoch(run):
-    from records import load_records, tokenize
-    from tokenizer import symbol_tokenizer
+    from machinery.records import load_records, tokenize
+    from machinery.tokenizer import symbol_tokenizer
     args = train.parse_args(["--dataset", "prosqa_graph", "--data_dir", str(run)] + SMALL)
     records = load_records(str(run / "prosqa_graph" / "train.json"))[:20]
     tok = symbol_tokenizer(records)

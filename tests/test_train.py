@@ -13,12 +13,12 @@ import torch
 
 import data.tiny.prepare as tiny_prepare
 import train
-from checkpoint import init_model, load_checkpoint
+from machinery.checkpoint import init_model, load_checkpoint
 from curriculum import make_question
-from evaluate import evaluate
-from interrupt import SIGNAL_HOOK
-from records import tokenize
-from tokenizer import compact_tokenizer
+from machinery.evaluate import evaluate
+from machinery.interrupt import SIGNAL_HOOK
+from machinery.records import tokenize
+from machinery.tokenizer import compact_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -25,7 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import data.prosqa.prepare as prosqa  # noqa: E402
-from records import graph_question  # noqa: E402
+from machinery.records import graph_question  # noqa: E402
 from data.common import download, make_out_dir, save_json  # noqa: E402
 
 SPLITS = {"train": 14785, "valid": 257, "test": 419}  # the paper's subset of the official files

@@ -13,7 +13,7 @@ import os
 from collections import deque
 from typing import List, NamedTuple, Optional
 
-from tokenizer import _texts, gpt2_tokenizer
+from machinery.tokenizer import _texts, gpt2_tokenizer
 
 
 def load_records(path, steps_optional=False):
@@ -48,7 +48,7 @@ def load_split(data_dir, dataset, split):
     """<data_dir>/<dataset>/<split>.json: a prepared data set of this project, or any folder of the user's."""
     path = os.path.join(data_dir, dataset, f"{split}.json")
     if not os.path.isfile(path):
-        home = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", dataset)
+        home = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", dataset)
         ours = os.path.isfile(os.path.join(home, "prepare.py"))
         # the script writes beside itself unless told where: the command must make the file where it is looked for
         there = "" if os.path.realpath(os.path.join(data_dir, dataset)) == os.path.realpath(home) else \

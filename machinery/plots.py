@@ -7,7 +7,7 @@ without it every plot_* function returns MISSING instead of a path and nothing r
 missing() first and stops before any work). Each function takes the rows analysis.py / train.py already
 produce, writes one PNG (any extension savefig knows) and returns its path.
 
-    python plots.py out/metrics.jsonl     # -> out/metrics.png: losses and accuracy per epoch
+    python machinery/plots.py out/metrics.jsonl     # -> out/metrics.png: losses and accuracy per epoch
 """
 import json
 import math
@@ -180,7 +180,7 @@ def plot_paths(rows, path, title=""):
     plt = _pyplot()
     if plt is None:
         return MISSING
-    from analysis import PATH_CATEGORIES  # here, not at the top: analysis imports torch
+    from machinery.analysis import PATH_CATEGORIES  # here, not at the top: analysis imports torch
     rows = sorted(rows, key=lambda r: r["k"])
     ks = [r["k"] for r in rows]
     fig, (ax,) = _figure(plt, 1, "Reasoning paths after k continuous thoughts (Coconut Figure 5)", title,
@@ -214,7 +214,7 @@ def plot_superposition(tables, path, title="", split=None):
     plt = _pyplot()
     if plt is None:
         return MISSING
-    from analysis import GROUPS  # here, not at the top: analysis imports torch
+    from machinery.analysis import GROUPS  # here, not at the top: analysis imports torch
     attention = tables.get("attention") or []
     panels = [(tables.get("inner") or {}, "<thought i, node embedding>", "mean inner product")]
     # numbered from 1, as the paper's "layer 2" of its 2-layer model
@@ -340,7 +340,7 @@ def plot_methods(runs, path, title=""):
 # Search or a layer prior (sample.py --analyze on layered data): analysis.average_splits's rows
 
 def _split_bars(ax, rows, what):
-    from analysis import LAYER_GROUPS, LAYER_NAMES  # here, not at the top: analysis imports torch
+    from machinery.analysis import LAYER_GROUPS, LAYER_NAMES  # here, not at the top: analysis imports torch
     x = [r["position"] for r in rows]
     bottom = [0.0] * len(rows)
     for g in LAYER_GROUPS:
@@ -429,6 +429,6 @@ def plot_world(world, probs, labels, path, title="", max_cols=3):
 
 
 if __name__ == "__main__":
-    # python plots.py out/metrics.jsonl [more.jsonl ...]: a .png next to each
+    # python machinery/plots.py out/metrics.jsonl [more.jsonl ...]: a .png next to each
     for p in sys.argv[1:]:
         print(plot_run(read_metrics(p), os.path.splitext(p)[0] + ".png", title=p))

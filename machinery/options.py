@@ -8,11 +8,11 @@ import os
 
 import torch
 
-from checkpoint import LATENT_MODES, checkpoint_arch, is_llama
+from machinery.checkpoint import LATENT_MODES, checkpoint_arch, is_llama
 from curriculum import MODES
 from gpt import HUB_SIZES
-from icot import ICOT_GSM8K
-from presets import (DATASET_DEFAULTS, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K, MAX_SCRATCH_BATCH,
+from machinery.icot import ICOT_GSM8K
+from machinery.presets import (DATASET_DEFAULTS, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K, MAX_SCRATCH_BATCH,
                      MIN_STEPS_PER_EPOCH, SCRATCH, USER)
 
 

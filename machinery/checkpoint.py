@@ -29,8 +29,8 @@ import torch
 
 from coconut import Coconut
 from gpt import GPT, GPTConfig, HUB_SIZES
-from llama import Llama, LlamaConfig, hub_folder
-from tokenizer import Tokenizer, compact_tokenizer, gpt2_tokenizer, llama3_tokenizer, looks_symbolic, symbol_tokenizer
+from machinery.llama import Llama, LlamaConfig, hub_folder
+from machinery.tokenizer import Tokenizer, compact_tokenizer, gpt2_tokenizer, llama3_tokenizer, looks_symbolic, symbol_tokenizer
 
 ARCHS = {"gpt2": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}  # a checkpoint's "arch" -> its classes
 

@@ -11,9 +11,9 @@ Side-by-side timings, as ratios measured in one run (absolute times on a shared 
     re-running the whole sequence for every new token (the official generate's algorithm, here on our
     GPT), and vs one at a time with the cache.
 
-    python bench.py                                 # GPT-2 124M shape and a small model, CPU, fp32
-    python bench.py --device cuda --dtype bfloat16  # the same on a GPU, bf16 autocast
-    python bench.py --official /path/to/facebookresearch/coconut   # adds the official code (needs transformers)
+    python machinery/bench.py                                 # GPT-2 124M shape and a small model, CPU, fp32
+    python machinery/bench.py --device cuda --dtype bfloat16  # the same on a GPU, bf16 autocast
+    python machinery/bench.py --official /path/to/facebookresearch/coconut   # adds the official code (needs transformers)
 
 Weights are random (the timings do not depend on them); batches are real ProsQA validation records.
 
@@ -23,8 +23,8 @@ Weights are random (the timings do not depend on them); batches are real ProsQA 
     Face GPT2LMHeadModel, imported from a checkout at run time, unmodified) on the same graphs; then an
     estimate of the full run's GPU time from its FLOP count. It runs alone (the sections above are skipped).
 
-    python bench.py --superposition /path/to/reasoning-by-superposition   # theirs needs transformers
-    python bench.py --superposition ours                                  # our side alone
+    python machinery/bench.py --superposition /path/to/reasoning-by-superposition   # theirs needs transformers
+    python machinery/bench.py --superposition ours                                  # our side alone
 
 (d) --fsdp N: N processes under torchrun (gloo on a CPU, nccl on GPUs), the same Coconut optimizer step three
     ways: train.py --fsdp (parallel.py: each group's weights gathered once per step), fully_shard's default
@@ -34,15 +34,15 @@ Weights are random (the timings do not depend on them); batches are real ProsQA 
     --thoughts thoughts in every sequence: the default would hang on processes with different numbers).
     It runs alone.
 
-    python bench.py --fsdp 2 --sizes small --threads 1      # 2 CPU processes
-    torchrun-free: bench.py starts torchrun itself; on GPUs: python bench.py --fsdp 8 --device cuda --dtype bfloat16
+    python machinery/bench.py --fsdp 2 --sizes small --threads 1      # 2 CPU processes
+    torchrun-free: bench.py starts torchrun itself; on GPUs: python machinery/bench.py --fsdp 8 --device cuda --dtype bfloat16
 
 (e) --demo_step: the CPU demo's optimizer step (reach questions, its 2-layer 128-wide GPT, batch 64, AdamW)
     for Coconut with all its thoughts, CoT and No-CoT: milliseconds per step with the last block run only in
     the columns that are read (coconut.py's read, gpt.py's out_cols) and over every column, their ratio, and
     the matmul FLOP rate of each step against a large fp32 matmul's on this machine. It runs alone.
 
-    python bench.py --demo_step
+    python machinery/bench.py --demo_step
 """
 import argparse
 import contextlib
@@ -60,15 +60,18 @@ from unittest import mock
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's root
+sys.path.insert(0, ROOT)  # run as a file (python machinery/bench.py), the package and the scripts' modules import
+
 import data.reach.prepare as reach_prepare
-from analysis import node_groups
+from machinery.analysis import node_groups
 from coconut import Coconut
 from curriculum import build_examples, collate, make_example, make_question
-from evaluate import evaluate
+from machinery.evaluate import evaluate
 from gpt import GPT, GPTConfig
-from presets import DATASET_DEFAULTS
-from records import graph_question, load_records, tokenize
-from tokenizer import gpt2_tokenizer, symbol_tokenizer
+from machinery.presets import DATASET_DEFAULTS
+from machinery.records import graph_question, load_records, tokenize
+from machinery.tokenizer import gpt2_tokenizer, symbol_tokenizer
 
 SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=4, n_head=4, n_embd=256),
          "tiny": dict(n_layer=2, n_head=2, n_embd=32)}  # tiny: the tests
@@ -268,7 +271,7 @@ def fsdp_child(args):
     """One process of bench_fsdp: the three ways of one size, timed interleaved; rank 0 prints one JSON line."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-    import parallel
+    from machinery import parallel
     rank, local_rank, world = parallel.setup()
     if args.device.startswith("cuda"):
         args.device = f"cuda:{local_rank}"
@@ -381,7 +384,7 @@ def layer_memory_child(args):
     prints {"peak": the peak resident memory the step adds, in bytes, "block_params"}.
     """
     import resource
-    from llama import Llama, LlamaConfig
+    from machinery.llama import Llama, LlamaConfig
     shape, layers = args.layer_memory_child[0], int(args.layer_memory_child[1])
     c = LLAMA_SHAPES[shape]
     torch.manual_seed(0)
@@ -527,7 +530,7 @@ def sp_records(args, tmp):
         valid = load_records(os.path.join(args.data, "valid.json"))[:args.sp_valid]
         source = f"read from {args.data}"
     else:
-        here = os.path.dirname(os.path.abspath(__file__))
+        here = ROOT
         cmd = [sys.executable, os.path.join(here, "data", "prosqa_graph", "prepare.py"), "--generate", "--n_train",
                str(args.sp_train), "--n_valid", str(args.sp_valid), "--n_test", "0", "--seed", str(args.sp_seed),
                "--out_dir", tmp]
@@ -932,7 +935,7 @@ def main():
         return bench_fsdp(args)
     if args.demo_step:
         return bench_demo_step(args)
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = ROOT
     candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
                   os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]
     args.data_path = path = next((c for c in candidates if c and os.path.exists(c)), None)

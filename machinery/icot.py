@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from records import check_length
+from machinery.records import check_length
 
 ICOT = "icot"  # the mode's name; make_question for it is the question alone, like nocot
 

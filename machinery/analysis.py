@@ -13,8 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from curriculum import collate, make_example, prompt
-from evaluate import generate_batched
-from records import bfs
+from machinery.evaluate import generate_batched
+from machinery.records import bfs
 
 
 # -----------------------------------------------------------------------------

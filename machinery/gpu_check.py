@@ -1,9 +1,9 @@
 """
 The prepared GPU check: one script that one GPU runs in under 10 minutes; its lines paste into the README.
 
-    python gpu_check.py                     # 1. environment, 2. numerics, 3. timing, 4. run, within --budget_s
-    python gpu_check.py --smoke             # a tiny version of each, seconds on a CPU (tests/test_gpu_check.py)
-    python gpu_check.py --skip timing,run   # the environment and the numerics only
+    python machinery/gpu_check.py                     # 1. environment, 2. numerics, 3. timing, 4. run, within --budget_s
+    python machinery/gpu_check.py --smoke             # a tiny version of each, seconds on a CPU (tests/test_gpu_check.py)
+    python machinery/gpu_check.py --skip timing,run   # the environment and the numerics only
 
 Nothing is downloaded: the data are generated. GPT-2's tokenizer needs tiktoken's files (TIKTOKEN_CACHE_DIR or a
 folder ./tiktoken-cache), else sections 2-3 use the symbolic prosqa_graph records and say so. A failing section
@@ -15,15 +15,17 @@ import traceback
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project's root
+sys.path.insert(0, ROOT)  # run as a file (python machinery/gpu_check.py), the package and the scripts' modules import
+
 from coconut import Coconut
 from curriculum import collate, make_example, make_question
-from evaluate import generate_batched
+from machinery.evaluate import generate_batched
 from gpt import GPT, GPTConfig
-from records import load_records, tokenize
-from tokenizer import gpt2_tokenizer, symbol_tokenizer
+from machinery.records import load_records, tokenize
+from machinery.tokenizer import gpt2_tokenizer, symbol_tokenizer
 
 T0 = time.time()
-ROOT = os.path.dirname(os.path.abspath(__file__))
 OUT = os.environ.get("OUT")
 RESULTS = {}                # every number, also written to $OUT/results.json
 STAGE, NEW_TOKENS = 6, 16   # sections 2-3: ProsQA's last stage (6 thoughts), 16 answer tokens
