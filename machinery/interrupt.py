@@ -10,6 +10,10 @@ SIGNAL_HOOK = "TRAIN_TEST_SIGNALS"  # tests: "5:KILL,9:INT" sends this process S
 STOP = {"requested": False}  # set by the Ctrl-C / SIGTERM handler, read between steps
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the state is saved, the run stops."""
+
+
 def install_signal_handlers():
     def handler(signum, frame):
         if STOP["requested"]:

@@ -1,6 +1,6 @@
 """
-train.py's command line: its flags with their help (build_parser) and the checks that fill the
-per-data-set defaults in (check_args). train.parse_args puts the two together.
+train.py's command line: its flags with their help (build_parser), the checks that fill the per-data-set
+defaults in (check_args), and parse_args, which puts the two together.
 """
 import argparse
 import math
@@ -12,15 +12,34 @@ from machinery.checkpoint import LATENT_MODES, checkpoint_arch, is_llama
 from curriculum import MODES
 from gpt import HUB_SIZES
 from machinery.icot import ICOT_GSM8K
-from machinery.presets import (DATASET_DEFAULTS, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K, MAX_SCRATCH_BATCH,
-                     MIN_STEPS_PER_EPOCH, SCRATCH, USER)
+from machinery.presets import (DATASET_DEFAULTS, DEMO, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K,
+                               MAX_SCRATCH_BATCH, MIN_STEPS_PER_EPOCH, SCRATCH, USER)
 
 
+def parse_args(argv=None, doc=None):
+    """train.py's settings from its command line (argv; None: sys.argv), the per-data-set defaults filled in,
+    and args.typed: the flags typed (a resumed run may change only some). A bad flag exits 2 with one line."""
+    p = build_parser(doc)
+    args = p.parse_args(argv)
+    # argparse cannot tell a typed value from a default: parse again with every default suppressed.
+    q = build_parser(doc)
+    for a in q._actions:
+        a.default = argparse.SUPPRESS
+    args.typed = sorted(vars(q.parse_args(argv)))
+    if args.demo:
+        if "mode" in args.typed:
+            p.error("--demo trains coconut, cot and nocot in turn: drop --mode")
+        for k, v in DEMO.items():  # under anything typed on the command line
+            if k not in args.typed:
+                setattr(args, k, v)
+    check_args(p, args)
+    return args
 
-def build_parser(doc):
+
+def build_parser(doc=None):
     """The flags of train.py; doc (train.py's docstring) gives --help its description and examples."""
-    p = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0],
-                                epilog=doc.strip().split("\n\n", 1)[1],
+    description, _, epilog = (doc or "Train Coconut.").strip().partition("\n\n")
+    p = argparse.ArgumentParser(prog="train.py", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data and curriculum (defaults: the paper's for each data set)")
     d.add_argument("--dataset", default="prosqa", help=f"{', '.join(DATASET_DEFAULTS)}, or any folder "

@@ -62,6 +62,27 @@ def world():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def local_rank():
+    """This process's GPU on its node (torchrun's LOCAL_RANK), 0 in one process."""
+    return int(os.environ.get("LOCAL_RANK", rank())) if dist.is_initialized() else 0
+
+
+def check_args(args):
+    """--fsdp needs several processes, and runs eagerly: one line each (a resumed FSDP run may go on in one)."""
+    if args.fsdp and world() == 1 and "fsdp" in args.typed:
+        raise ValueError("--fsdp shards the model over several processes: start it with `torchrun "
+                         "--nproc_per_node N train.py ... --fsdp` (one process holds the whole model anyway)")
+    if args.fsdp and args.compile and world() > 1:
+        raise ValueError("--fsdp with --compile is not supported yet (the sharded step is tested eagerly only): "
+                         "drop --compile, or train with DDP (without --fsdp)")
+    if args.grad_accum % world():
+        raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the {world()} processes")
+
+
 def gather(obj):
     """Every process's obj, in rank order (a list of one without torchrun)."""
     if world() == 1:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data.reach.prepare as reach_prepare
+from machinery import demo
 from machinery.interrupt import SIGNAL_HOOK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,14 +194,14 @@ def test_the_demo_makes_its_own_data(tmp_path, monkeypatch):
     # change the table), keeps it when it resumes, and with --data_dir uses what is there
     import train
     made = []
-    monkeypatch.setattr(train.subprocess, "run", lambda cmd, check: made.append(cmd[cmd.index("--out_dir") + 1]))
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, check: made.append(cmd[cmd.index("--out_dir") + 1]))
     out = str(tmp_path / "out")
     own = os.path.join(out, "data", "reach")
     for argv, expected in ((["--demo", "--out_dir", out], [own]),
                            (["--demo", "--out_dir", out, "--resume"], [own])):  # nothing there yet: made
         made.clear()
         args = train.parse_args(argv)
-        train.demo_data(args)
+        demo.make_data(args)
         assert made == expected and args.data_dir == os.path.join(out, "data")
     os.makedirs(own)
     open(os.path.join(own, "test.json"), "w").close()
@@ -208,12 +209,12 @@ def test_the_demo_makes_its_own_data(tmp_path, monkeypatch):
                            (["--demo", "--out_dir", out, "--resume"], []),        # the same data as the run's
                            (["--demo", "--out_dir", out, "--data_dir", str(tmp_path / "out" / "data")], [])):
         made.clear()
-        train.demo_data(train.parse_args(argv))
+        demo.make_data(train.parse_args(argv))
         assert made == expected, argv
     # --seed k makes world k: prepare.py is handed the same seed as the models
     seeds = []
-    monkeypatch.setattr(train.subprocess, "run", lambda cmd, check: seeds.append(cmd[cmd.index("--seed") + 1]))
-    train.demo_data(train.parse_args(["--demo", "--out_dir", out, "--seed", "2"]))
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, check: seeds.append(cmd[cmd.index("--seed") + 1]))
+    demo.make_data(train.parse_args(["--demo", "--out_dir", out, "--seed", "2"]))
     assert seeds == ["2"]
 
 

@@ -198,9 +198,9 @@ def test_fsdp_bad_input(data_dir, tmp_path, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "--fsdp shards the model over several processes" in err, err
     assert "torchrun --nproc_per_node N train.py" in err and not (tmp_path / "x").exists()
     # with --compile (checked as under torchrun)
-    monkeypatch.setattr(train, "WORLD", 2)
+    monkeypatch.setattr(parallel, "world", lambda: 2)
     with pytest.raises(ValueError, match=r"--fsdp with --compile is not supported yet.*drop --compile") as e:
-        train.check_parallel(train.parse_args(TINY + ["--fsdp", "--compile"]))
+        parallel.check_args(train.parse_args(TINY + ["--fsdp", "--compile"]))
     assert "\n" not in str(e.value)
     # a model without transformer blocks: refused before fully_shard (no process group needed to say so)
     gpt = GPT(GPTConfig(n_layer=0, n_head=2, n_embd=32, block_size=16, vocab_size=8))

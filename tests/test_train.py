@@ -13,6 +13,7 @@ import torch
 
 import data.tiny.prepare as tiny_prepare
 import train
+from machinery import progress
 from machinery.checkpoint import init_model, load_checkpoint
 from curriculum import make_question
 from machinery.evaluate import evaluate
@@ -95,7 +96,7 @@ def test_end_to_end(data_dir, tmp_path, capsys):
 
 def test_a_slow_cpu_run_says_so_after_its_first_step(data_dir, tmp_path, monkeypatch, capsys):
     # the note follows the run's estimated time on this device, not its size: here any run is "slow"
-    monkeypatch.setattr(train, "SLOW_RUN_HOURS", 0)
+    monkeypatch.setattr(progress, "SLOW_RUN_HOURS", 0)
     assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "run"), "--epochs", "2",
                               "--log_every", "100"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -103,10 +104,10 @@ def test_a_slow_cpu_run_says_so_after_its_first_step(data_dir, tmp_path, monkeyp
     assert lines[first + 1].startswith("note: at this speed the run takes about ")
     assert "on this CPU: this is a GPU recipe" in lines[first + 1] and "`python train.py --demo`" in lines[first + 1]
     assert sum("GPU recipe" in l for l in lines) == 1  # once per run
-    assert train.slow_run_note(10 * 3600, torch.device("cuda")) is None
-    monkeypatch.setattr(train, "SLOW_RUN_HOURS", 2)
-    assert train.slow_run_note(3600, torch.device("cpu")) is None
-    assert "600:02:27" in train.slow_run_note(600 * 3600 + 147, torch.device("cpu"))
+    assert progress.slow_run_note(10 * 3600, torch.device("cuda")) is None
+    monkeypatch.setattr(progress, "SLOW_RUN_HOURS", 2)
+    assert progress.slow_run_note(3600, torch.device("cpu")) is None
+    assert "600:02:27" in progress.slow_run_note(600 * 3600 + 147, torch.device("cpu"))
 
 
 def test_a_small_data_set_of_yours_from_scratch(tmp_path, capsys):
