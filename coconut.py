@@ -36,8 +36,6 @@ class Coconut(nn.Module):
         self.latent_id, self.start_id, self.end_id, self.eos_id = latent_id, start_id, end_id, eos_id
         # feedback=False is the "pause as thought" baseline: <|latent|> stays an ordinary token.
         self.feedback = feedback
-        self.chunked_cache = True  # False: the plain, copying cache in training too (bench.py's "before")
-        self.skip_unread = True    # False: the last block over every column in training too (bench.py --demo_step)
 
     def forward(self, input_ids, attention_mask, labels, position_ids, with_logits=False):
         """
@@ -50,7 +48,7 @@ class Coconut(nn.Module):
         # last block, too, runs only in the columns that predict a label (gpt's out_cols).
         targets = labels[:, 1:]                                             # (B, L-1)
         scored = targets != -100
-        read = None if with_logits or not self.skip_unread else F.pad(scored.any(0), (0, 1))  # (L,)
+        read = None if with_logits else F.pad(scored.any(0), (0, 1))  # (L,)
         hidden, _ = self.think(input_ids, attention_mask, position_ids, read)  # (B, L, C)
         loss = F.cross_entropy(self.gpt.lm_head(hidden[:, :-1][scored]), targets[scored])  # (N, V) -> mean
         return loss, (self.gpt.lm_head(hidden) if with_logits else None)
@@ -87,7 +85,7 @@ class Coconut(nn.Module):
                                           attention_mask=attention_mask[:, :end], past_kv=past, with_logits=False,
                                           out_cols=_cols(read, start, end))
             hiddens.append(hidden)
-            if i == 0 and torch.is_grad_enabled() and self.chunked_cache:
+            if i == 0 and torch.is_grad_enabled():
                 # Training: keep the cache as chunks that each pass extends, so that the backward pass
                 # does not hold a fresh copy of the whole cache for every thought (gpt.chunked_attention).
                 past = self.gpt.chunk_cache(past)

@@ -209,7 +209,8 @@ def memory_child(args):
     torch.manual_seed(0)
     model = Coconut(GPT(GPTConfig(**SIZES["gpt2"], vocab_size=50260)), tok.latent_id, tok.start_id, tok.end_id,
                     tok.eos_id).to(args.device)
-    model.chunked_cache = args.memory_child == "after"
+    if args.memory_child == "before":
+        model.gpt.chunk_cache = lambda past: past  # the plain cache, copied at every thought
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -461,28 +462,35 @@ def bench_demo_step(args):
         batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
                    for i in range(0, len(examples), cfg["batch_size"])]
 
-        def step(b):
-            loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+        def step(b, skip_unread=True):
+            args4 = (b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+            loss = model(*args4)[0] if skip_unread else loss_over_every_column(model, *args4)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         times, flops = {True: [], False: []}, {}
         for skip in (True, False):
-            model.skip_unread = skip
             with FlopCounterMode(display=False) as fc:
-                step(batches[0])
+                step(batches[0], skip)
             flops[skip] = fc.get_total_flops()
         for r in range(args.warmup + args.repeats):
             for skip in (True, False):  # interleaved: a noisy neighbour hits both alike
-                model.skip_unread = skip
-                t, _ = timed(lambda: [step(b) for b in batches], "cpu")
+                t, _ = timed(lambda: [step(b, skip) for b in batches], "cpu")
                 if r >= args.warmup:
                     times[skip].append(t / len(batches))
         read, every = (statistics.median(times[k]) for k in (True, False))
         rate = flops[True] / read / 1e9
         print(f"{mode:>8} {flops[True] / 1e9:11.2f} {flops[False] / 1e9:7.2f} {1e3 * read:11.1f} {1e3 * every:7.1f} "
               f"{read / every:6.2f} {rate:9.1f} {rate / peak:9.0%}")
+
+
+def loss_over_every_column(model, input_ids, attention_mask, labels, position_ids):
+    """Coconut's training loss with the last block run over every column (the "all" of --demo_step), where
+    Coconut.forward runs it only in the columns whose output a label reads: the same loss, more work."""
+    hidden, _ = model.think(input_ids, attention_mask, position_ids)  # (B, L, C), read=None: every column
+    scored = labels[:, 1:] != -100
+    return torch.nn.functional.cross_entropy(model.gpt.lm_head(hidden[:, :-1][scored]), labels[:, 1:][scored])
 
 
 def load_official(path, model):

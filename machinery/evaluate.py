@@ -1,5 +1,5 @@
 """
-Answering many questions with a Coconut model: what validation (train.py), sample.py and bench.py share.
+Answering many questions with a Coconut model: what validation (train.py), sample.py and the tools share.
 
     prompts (token ids, curriculum.make_question) -> padded batches (curriculum.collate) -> Coconut.generate
     -> answers -> the answer rule (curriculum.is_correct) -> a score
