@@ -4,19 +4,26 @@ Pure static reading (nothing is imported), so it runs anywhere, in well under a 
 """
 import ast
 import os
+import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPTS = {"train", "sample", "bench", "gpu_check"}  # run from the command line; nothing imports them
+# The root is the tutorial: the card's five files, read in this order. Everything else is one folder down.
+ROOT_FILES = ["gpt.py", "coconut.py", "curriculum.py", "train.py", "sample.py"]
+PACKAGE = "machinery"
+SCRIPTS = {"train", "sample"}  # run from the command line; nothing imports them
+TOOLS = {"machinery.bench", "machinery.gpu_check"}  # run as files (python machinery/bench.py); nothing imports them
 # The data side, in reading order: a module here imports only the ones before it.
-DATA_SIDE = ["tokenizer", "records", "icot", "curriculum"]
-MODEL_SIDE = {"gpt", "llama", "coconut"}  # the model: knows token ids and vectors, nothing of the data
+DATA_SIDE = ["machinery.tokenizer", "machinery.records", "machinery.icot", "curriculum"]
+MODEL_SIDE = {"gpt", "machinery.llama", "coconut"}  # the model: knows token ids and vectors, nothing of the data
 COCONUT_MAY_IMPORT = {"gpt"}
-# Beside the arrow (analysis, evaluate, plots, checkpoint) a module may import either side, but not a script.
+# Beside the arrow (evaluate, analysis, plots, checkpoint, resume, demo, ...) a module may import either side,
+# but not a script.
 
 
 def module_name(path):
-    """tests/x.py -> None; train.py -> "train"; data/prosqa/prepare.py -> "data.prosqa.prepare"."""
+    """tests/x.py -> None; train.py -> "train"; machinery/records.py -> "machinery.records";
+    data/prosqa/prepare.py -> "data.prosqa.prepare"."""
     rel = os.path.relpath(path, ROOT)
     if rel.startswith("tests" + os.sep) or not rel.endswith(".py"):
         return None
@@ -30,7 +37,7 @@ def project_files():
     for dirpath, dirnames, filenames in os.walk(ROOT):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in ("tests", "__pycache__"))
         for f in sorted(filenames):
-            if f.endswith(".py") and os.path.relpath(dirpath, ROOT).split(os.sep)[0] in (".", "data"):
+            if f.endswith(".py") and os.path.relpath(dirpath, ROOT).split(os.sep)[0] in (".", "data", PACKAGE):
                 yield os.path.join(dirpath, f)
 
 
@@ -67,6 +74,8 @@ def violations(graph):
         for d in sorted(deps):
             if d in SCRIPTS:
                 out.append(f"{m} imports the script {d}")
+            if d in TOOLS:
+                out.append(f"{m} imports the tool {d}")
             if m == "coconut" and d not in COCONUT_MAY_IMPORT:
                 out.append(f"coconut imports {d}: the model file may import only {sorted(COCONUT_MAY_IMPORT)}")
             if m in MODEL_SIDE and d in rank:
@@ -77,7 +86,8 @@ def violations(graph):
                 out.append(f"{m} imports {d}, which comes after it in {' -> '.join(DATA_SIDE)}")
             if m.startswith("data.") and (d in MODEL_SIDE or d == "curriculum" or d in SCRIPTS):
                 out.append(f"{m} (a data set) imports {d}")
-    out += [f"import cycle: {' -> '.join(c)}" for c in cycles({m: d for m, d in graph.items() if m not in SCRIPTS})]
+    out += [f"import cycle: {' -> '.join(c)}" for c in cycles({m: d for m, d in graph.items()
+                                                                if m not in SCRIPTS | TOOLS})]
     return out
 
 
@@ -102,9 +112,24 @@ def cycles(graph):
 
 # -----------------------------------------------------------------------------
 
+M = PACKAGE + "."  # the package's prefix, in the hand-made maps below
+
+
+def test_the_root_holds_the_five_files_and_the_package_the_rest():
+    root_py = sorted(f for f in os.listdir(ROOT) if f.endswith(".py"))
+    assert root_py == sorted(ROOT_FILES)
+    package = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, PACKAGE)) if f.endswith(".py"))
+    assert {"tokenizer", "records", "icot", "llama", "checkpoint", "resume", "demo", "parallel", "bench",
+            "gpu_check", "analysis", "report", "runs"} <= set(package)
+    graph = import_graph()
+    from_package = {m: d for m, d in graph.items() if m.startswith(M)}
+    assert from_package and not any(d & SCRIPTS for d in from_package.values())  # nothing in it imports a script
+
+
 def test_the_project_follows_its_layout():
     graph = import_graph()
-    assert {"coconut", "curriculum", "tokenizer", "records", "icot", "evaluate", "gpt", "train"} <= set(graph)
+    assert {"coconut", "curriculum", M + "tokenizer", M + "records", M + "icot", M + "evaluate", "gpt",
+            "train"} <= set(graph)
     assert graph["coconut"] <= {"gpt"}  # (today not even gpt: the model it runs is handed to it)
     assert violations(graph) == []
 
@@ -112,23 +137,26 @@ def test_the_project_follows_its_layout():
 def test_the_import_map_as_read_from_the_source():
     # A few edges the layout relies on, so that a parser that finds nothing cannot pass the test above.
     graph = import_graph()
-    assert {"tokenizer", "records", "icot"} <= graph["curriculum"]
-    assert graph["records"] == {"tokenizer"} and graph["icot"] == {"records"} and graph["tokenizer"] == set()
-    assert "curriculum" in graph["evaluate"] and "evaluate" in graph["train"] and "coconut" in graph["train"]
+    assert {M + "tokenizer", M + "records", M + "icot"} <= graph["curriculum"]
+    assert graph[M + "records"] == {M + "tokenizer"} and graph[M + "icot"] == {M + "records"}
+    assert graph[M + "tokenizer"] == set()
+    assert "curriculum" in graph[M + "evaluate"] and M + "evaluate" in graph["train"] and "coconut" in graph["train"]
     assert "data.common" in graph["gpt"]  # a nested import: gpt.download_hub_weights
-    assert "analysis" in graph["plots"]   # also nested
+    assert M + "analysis" in graph[M + "plots"]   # also nested
+    assert {M + "resume", M + "demo", M + "parallel"} <= graph["train"]  # the loop's machinery, one folder down
 
 
 def test_imports_of_reads_every_form():
-    modules = {"a", "b", "c", "data.common", "data"}
-    src = "import a\nfrom b import x as y\ndef f():\n    from data.common import g\nfrom data import common\nimport os\n"
-    assert imports_of(src, modules) == {"a", "b", "data.common", "data"}
+    modules = {"a", "b", "c", "data.common", "data", "machinery.x", "machinery"}
+    src = ("import a\nfrom b import x as y\ndef f():\n    from data.common import g\nfrom data import common\n"
+           "import os\nfrom machinery import x\n")
+    assert imports_of(src, modules) == {"a", "b", "data.common", "data", "machinery.x", "machinery"}
 
 
 def test_violations_catch_each_broken_rule():
-    ok = {"tokenizer": set(), "records": {"tokenizer"}, "icot": {"records"},
-          "curriculum": {"tokenizer", "records", "icot"}, "gpt": {"data.common"}, "coconut": set(),
-          "evaluate": {"curriculum"}, "train": {"coconut", "curriculum", "evaluate"}}
+    ok = {M + "tokenizer": set(), M + "records": {M + "tokenizer"}, M + "icot": {M + "records"},
+          "curriculum": {M + "tokenizer", M + "records", M + "icot"}, "gpt": {"data.common"}, "coconut": set(),
+          M + "evaluate": {"curriculum"}, "train": {"coconut", "curriculum", M + "evaluate"}}
     assert violations(ok) == []
 
     def broken(module, *deps):
@@ -137,15 +165,57 @@ def test_violations_catch_each_broken_rule():
         return violations(g)
 
     assert broken("sample", "train") == ["sample imports the script train"]
+    assert broken(M + "demo", "train") == [f"{M}demo imports the script train"]
+    assert broken(M + "report", M + "bench") == [f"{M}report imports the tool {M}bench"]
     assert broken("coconut", "gpt") == []
     assert any("coconut imports curriculum" in v for v in broken("coconut", "curriculum"))
-    assert broken("coconut", "evaluate") == ["coconut imports evaluate: the model file may import only ['gpt']"]
-    assert broken("gpt", "tokenizer") == ["gpt (the model) imports tokenizer (the data side)"]
-    assert broken("curriculum", "coconut") == ["curriculum (the data side) imports coconut, which is not on the data side"]
-    v = broken("tokenizer", "records")
-    assert "tokenizer imports records, which comes after it in tokenizer -> records -> icot -> curriculum" in v
-    assert any(x.startswith("import cycle: records -> tokenizer -> records") for x in v)
+    assert broken("coconut", M + "evaluate") == [f"coconut imports {M}evaluate: the model file may import only "
+                                                 f"['gpt']"]
+    assert broken("gpt", M + "tokenizer") == [f"gpt (the model) imports {M}tokenizer (the data side)"]
+    assert broken("curriculum", "coconut") == ["curriculum (the data side) imports coconut, which is not on the "
+                                               "data side"]
+    v = broken(M + "tokenizer", M + "records")
+    assert (f"{M}tokenizer imports {M}records, which comes after it in {M}tokenizer -> {M}records -> {M}icot -> "
+            f"curriculum") in v
+    assert any(x.startswith(f"import cycle: {M}records -> {M}tokenizer -> {M}records") for x in v)
     assert broken("data.prosqa.prepare", "coconut") == ["data.prosqa.prepare (a data set) imports coconut"]
-    assert broken("evaluate", "analysis") + broken("analysis", "evaluate") == []  # one way is fine
-    g = {**ok, "analysis": {"evaluate"}, "evaluate": {"curriculum", "analysis"}}
-    assert violations(g) == ["import cycle: analysis -> evaluate -> analysis"]
+    assert broken(M + "evaluate", M + "analysis") + broken(M + "analysis", M + "evaluate") == []  # one way is fine
+    g = {**ok, M + "analysis": {M + "evaluate"}, M + "evaluate": {"curriculum", M + "analysis"}}
+    assert violations(g) == [f"import cycle: {M}analysis -> {M}evaluate -> {M}analysis"]
+
+
+# -----------------------------------------------------------------------------
+# The README's code tour: one line a file, `path  lines  job`, its counts the files' own
+
+TOUR_LINE = re.compile(r"^(\S+\.py)\s+(\d+)\s+\S")
+
+
+def code_tour(readme):
+    """The README's code tour block -> [(path, lines as written)], in its order."""
+    text = readme.split("## Code tour", 1)[1]
+    block = text.split("```", 2)[1]
+    return [(m.group(1), int(m.group(2))) for m in map(TOUR_LINE.match, block.splitlines()) if m]
+
+
+def test_the_code_tour_counts_every_line_of_every_file():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        tour = code_tour(f.read())
+    paths = [p for p, _ in tour]
+    assert paths[:5] == ROOT_FILES  # the reading order: gpt -> coconut -> curriculum -> train -> sample
+    package = sorted(f"{PACKAGE}/{f}" for f in os.listdir(os.path.join(ROOT, PACKAGE))
+                     if f.endswith(".py") and f != "__init__.py")
+    assert sorted(paths[5:]) == package  # then every module of the package, once
+    for path, written in tour:
+        with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+            assert written == len(f.read().splitlines()), f"README's code tour: {path} has " \
+                f"{len(open(os.path.join(ROOT, path)).read().splitlines())} lines, not {written}"
+
+
+def test_code_tour_reads_the_block():
+    readme = "x\n## Code tour\n\ntext\n```\ngpt.py   12  GPT-2\nmachinery/a.py  3  a job\n  (a note)\n```\nmore ```\n"
+    assert code_tour(readme) == [("gpt.py", 12), ("machinery/a.py", 3)]
+
+
+def test_the_readme_is_a_front_page():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 250
