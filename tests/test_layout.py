@@ -219,3 +219,26 @@ def test_code_tour_reads_the_block():
 def test_the_readme_is_a_front_page():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert len(f.read().splitlines()) <= 250
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints written before the move (every module at the root) still load and answer alike
+
+def test_a_checkpoint_of_the_flat_layout_answers_as_it_did():
+    import json
+
+    import torch
+
+    from curriculum import prompt
+    from machinery.checkpoint import load_checkpoint
+    from machinery.evaluate import generate_batched
+    from machinery.records import tokenize
+    fixtures = os.path.join(ROOT, "tests", "fixtures")
+    with open(os.path.join(fixtures, "flat-layout-answers.json")) as f:
+        before = json.load(f)  # what the flat layout's own code answered with this checkpoint
+    model, tok, ckpt = load_checkpoint(os.path.join(fixtures, "flat-layout-best.pt"))
+    prompts = [prompt(tokenize(r, tok), ckpt["config"], int(ckpt["stage"]), tok) for r in before["records"]]
+    outs, thoughts = generate_batched(model.eval(), prompts, 10, 5)
+    assert [tok.decode(o) for o in outs] == before["answers"]
+    norms = [[float(t.norm()) for t in th] for th in thoughts]
+    assert torch.allclose(torch.tensor(norms), torch.tensor(before["thought_norms"]), atol=1e-3)
