@@ -40,6 +40,7 @@ from torch.nn import functional as F
 
 from curriculum import PLAIN, final_stage, is_correct, prompt
 from machinery import plots, report, runs
+from machinery.argparser import Parser
 from machinery.checkpoint import first_line, load_checkpoint, resolve_device
 from machinery.evaluate import evaluate, generate_batched
 from machinery.records import load_records, load_split, tokenize
@@ -92,7 +93,7 @@ def nonneg_int(s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=None, help="a training run's folder: its best.pt answers (default: "
                                                    "train.py's out-<dataset>-coconut, else the demo's out-demo/coconut); "
@@ -139,6 +140,7 @@ def parse_args(argv=None):
                       help="draw what --eval, --analyze, --paths or --search print (alone: the whole run's losses "
                            "and accuracy, from the metrics.jsonl beside the checkpoint); needs matplotlib")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's choice), as train.py's --threads")
     args = p.parse_args(argv)
 
     for q in args.question:
@@ -161,6 +163,8 @@ def parse_args(argv=None):
         p.error(f"--{analyses[0]} needs records with answers: --file or --split")
     if args.latent is not None and len(args.latent) > 1 and not (args.eval or args.paths):
         p.error("several --latent values need --eval or --paths")
+    if args.threads < 0:
+        p.error("--threads must not be negative")
     for k in ("n", "batch_size", "top_k", "max_new_tokens"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be at least 1")
@@ -228,6 +232,8 @@ def warn_thoughts(cfg, stage, latents):
 def run(args):
     if args.plot and plots.missing():  # say so before any work, not after the tables with no file and exit 0
         raise RuntimeError(f"--plot: {plots.MISSING}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     plot_alone = args.plot and not (args.eval or args.analyze or args.paths or args.losses or args.search is not None)
     if plot_alone and args.out_dir and not args.ckpt and not os.path.isfile(os.path.join(args.out_dir, "best.pt")) \
             and runs.runs_inside(args.out_dir):  # the demo's out-demo: its runs side by side

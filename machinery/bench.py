@@ -64,6 +64,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the projec
 sys.path.insert(0, ROOT)  # run as a file (python machinery/bench.py), the package and the scripts' modules import
 
 import data.reach.prepare as reach_prepare
+from machinery.argparser import Parser
 from machinery.analysis import node_groups
 from coconut import Coconut
 from curriculum import build_examples, collate, make_example, make_question
@@ -882,7 +883,7 @@ def bench_superposition(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="machinery/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="*", default=["gpt2", "small"], choices=list(SIZES),
                    help="model shapes for the speed ratios (none: skip them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -8,6 +8,7 @@ import os
 
 import torch
 
+from machinery.argparser import Parser
 from machinery.checkpoint import LATENT_MODES, checkpoint_arch, is_llama
 from curriculum import MODES
 from gpt import HUB_SIZES
@@ -39,7 +40,7 @@ def parse_args(argv=None, doc=None):
 def build_parser(doc=None):
     """The flags of train.py; doc (train.py's docstring) gives --help its description and examples."""
     description, _, epilog = (doc or "Train Coconut.").strip().partition("\n\n")
-    p = argparse.ArgumentParser(prog="train.py", description=description, epilog=epilog,
+    p = Parser(prog="train.py", description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     d = p.add_argument_group("data and curriculum (defaults: the paper's for each data set)")
     d.add_argument("--dataset", default="prosqa", help=f"{', '.join(DATASET_DEFAULTS)}, or any folder "

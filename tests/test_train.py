@@ -296,6 +296,36 @@ def test_bad_options(data_dir, tmp_path, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_a_typo_is_one_line(capsys, monkeypatch):
+    # issue 29: a mistyped flag or choice gets one line naming the closest flag or the valid choices, in every
+    # script's parser, not 25 lines of usage first; --help stays whole
+    import sample
+    import data.reach.prepare as reach_prepare
+    from machinery import bench
+    cases = [(lambda a: train.parse_args(a), ["--datset", "mine"],
+              "train.py: error: unrecognized argument --datset; did you mean --dataset?"),
+             (lambda a: train.parse_args(a), ["--mode", "cocnut"],
+              "train.py: error: argument --mode: invalid choice 'cocnut'; did you mean coconut? (choose from coconut, cot, "),
+             (lambda a: sample.parse_args(a), ["--thread", "1", "--shwo_thoughts"],
+              "sample.py: error: unrecognized argument --shwo_thoughts; did you mean --show_thoughts?"),
+             (lambda a: sample.parse_args(a), ["--split", "vaild"],
+              "sample.py: error: argument --split: invalid choice 'vaild'; did you mean valid? (choose from train, valid, test)"),
+             (lambda a: reach_prepare.main(a), ["--n_trian", "5"],
+              "data/reach/prepare.py: error: unrecognized argument --n_trian; did you mean --n_train?"),
+             (lambda a: monkeypatch.setattr("sys.argv", ["bench.py"] + a) or bench.main(), ["--demo_stpe"],
+              "machinery/bench.py: error: unrecognized argument --demo_stpe; did you mean --demo_step?")]
+    for parse, argv, line in cases:
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), (argv, err)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: train.py") and "--max_latent_stage" in out
+    assert len(out.splitlines()) > 100
+
+
 def test_missing_and_malformed_data(tmp_path, capsys):
     base = TINY + ["--out_dir", str(tmp_path / "out")]
     assert train.main(base + ["--data_dir", str(tmp_path / "none")]) == 1
