@@ -38,7 +38,7 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from curriculum import PLAIN, final_stage, is_correct, prompt
+from curriculum import PLAIN, final_stage, is_correct, prompt, stage_name
 from machinery import plots, report, runs
 from machinery.argparser import Parser
 from machinery.checkpoint import first_line, load_checkpoint, resolve_device
@@ -77,6 +77,12 @@ def trained_thoughts(cfg, stage):
     if mode in ("no_curriculum", "pause", "frontier") or cfg.get("uniform_prob", 0) > 0:
         return M * c
     return min(stage, M) * c
+
+
+def thoughts_said(cfg, stage):
+    """', n thoughts' after a stage up to the last (stage_name names the last one's)."""
+    n = trained_thoughts(cfg, stage)
+    return "" if n is None or stage > cfg.get("max_latent_stage", 6) else f", {n} thought{'s' * (n != 1)}"
 
 
 # -----------------------------------------------------------------------------
@@ -242,7 +248,8 @@ def run(args):
     cfg = ckpt.get("config", {})
     stage = final_stage(cfg, ckpt)
     print(f"{path}: {cfg.get('mode', 'coconut')} on {cfg.get('dataset', '?')}, epoch {ckpt.get('epoch', -1) + 1}, "
-          f"stage {stage} (c_thought {cfg.get('c_thought', 1)}, max_latent_stage {cfg.get('max_latent_stage', 6)})")
+          f"{stage_name(stage, cfg)}{thoughts_said(cfg, stage)} (c_thought {cfg.get('c_thought', 1)}, "
+          f"max_latent_stage {cfg.get('max_latent_stage', 6)})")
     if why:
         print(why)
     if plot_alone:
