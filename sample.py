@@ -23,11 +23,12 @@ The paper's runs (GPU; README: Reproducing the paper), e.g. python train.py --da
     python sample.py --split valid --paths --latent 0 1 2 3 4 5 6   # Figure 5: path types after k thoughts
     python sample.py --out_dir out-prosqa_graph-coconut --analyze   # superposition: groups and attention
 A question must be written as the model's training data writes them: a word or symbol it never saw
-is an error that shows one of its own questions.
+is an error that shows one of its own questions, and a question shorter or longer than all of the data's
+gets a warning (the demo's: 24 roads, [Q], two options, [R], the start). Its thoughts are shown whole.
 
 The model is <out_dir>/best.pt (best validation accuracy; out_dir defaults to train.py's
-out-<dataset>-coconut, then to the CPU demo's out-demo/coconut, and the first line says which) unless
---ckpt names a file. A Coconut prompt is the question, <|start-latent|>, N x <|latent|>, <|end-latent|>
+out-<dataset>-coconut, then to the CPU demo's out-demo/coconut, and the first line says which), or the
+run's ckpt.pt while it has no best.pt yet, unless --ckpt names a file. A Coconut prompt is the question, <|start-latent|>, N x <|latent|>, <|end-latent|>
 (the demo's: N x <|latent|> alone); N defaults to what the checkpoint's stage uses (the validation
 prompts of its training run), and --latent N sets it. The model then answers greedily in language.
 """
@@ -165,6 +166,8 @@ def parse_args(argv=None):
         args.split = "valid"  # a data set's natural default
         if not analyses and not args.dataset and args.n is None:  # a first look: a few answers and their thoughts
             args.n, args.show_thoughts = 3, True
+    if args.question:  # a question typed in: what the thoughts hold is half of the answer
+        args.show_thoughts = True
     if analyses and args.question:
         p.error(f"--{analyses[0]} needs records with answers: --file or --split")
     if args.latent is not None and len(args.latent) > 1 and not (args.eval or args.paths):
@@ -252,6 +255,8 @@ def run(args):
           f"max_latent_stage {cfg.get('max_latent_stage', 6)})")
     if why:
         print(why)
+    if args.latent is None and trained_thoughts(cfg, stage) == 0 and not plot_alone:
+        print(runs.no_thoughts_note(path, cfg, ckpt))
     if plot_alone:
         metrics, source = runs.run_history(path, ckpt)
         print(f"the run's {len(metrics)} epoch(s) from {source}")
@@ -260,6 +265,9 @@ def run(args):
     warn_thoughts(cfg, stage, args.latent)
     records, answered = load_questions(args, cfg)
     tokenized = tokenize_all(records, tok, cfg)
+    warning = runs.length_warning(tokenized, args, cfg, tok) if args.question else None
+    if warning:
+        print(warning)
     max_new = args.max_new_tokens or cfg.get("max_new_tokens") or 128
     if args.search is not None:
         return report.search(model, tok, records[0], tokenized[0], cfg, stage, max_new, args)
@@ -277,7 +285,8 @@ def run(args):
     outs, thoughts = generate_batched(model, prompts, max_new, args.batch_size)
     correct = 0
     for i, (rec, pr, out, th) in enumerate(zip(records, prompts, outs, thoughts)):
-        q = rec["question"] if len(rec["question"]) <= 120 else "..." + rec["question"][-117:]
+        q = rec["question"]  # a question of the data's cut short, a question typed in whole
+        q = q if args.question or len(q) <= 120 else "..." + q[-117:]
         print(f"[{i + 1}] Q: {q}")
         mark = ""
         if answered:
@@ -287,7 +296,7 @@ def run(args):
         print(f"    A: {tok.decode(out).strip()!r}{mark}")
         if args.show_thoughts:
             if len(th) == 0:
-                print("  (no continuous thoughts)")
+                print("  (no continuous thoughts" + (": stage 0 feeds none)" if args.latent is None and stage == 0 else ")"))
             for j, t in enumerate(th):
                 print(format_thought(j + 1, top_tokens(model, t, args.top_k), tok))
     if answered:
