@@ -53,8 +53,10 @@ def paths(model, tok, records, tokenized, cfg, max_new, args):
         correct[k] = [is_correct(p, o, r["answer"], tok) for p, o, r in zip(prompts, outs, records)]
     rows = analysis.path_table(labels, correct)
     names = [c.replace("_", " ") for c in analysis.PATH_CATEGORIES]
-    print("the path written after k thoughts (the paper's Figure 5), share of questions; accuracy: the answer; "
-          "no answer: stopped before '###'")
+    print("the path written after k thoughts (the paper's Figure 5), share of questions in each column:")
+    for name, c in zip(names, analysis.PATH_CATEGORIES):
+        print(f"  {name:<16} {analysis.PATH_MEANINGS[c]}")
+    print(f"  {'accuracy':<16} the answer right by the official rule, whatever the path before it")
     print(f"{'k':>3} " + " ".join(f"{n:>15}" for n in names) + f" {'accuracy':>9}")
     for r in rows:
         print(f"{r['k']:>3} " + " ".join(f"{100 * r[c]:14.1f}%" for c in analysis.PATH_CATEGORIES) +

@@ -300,6 +300,25 @@ def test_plots_from_the_command_line(run_dir, tmp_path, capsys):
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 300
 
 
+def test_paths_defines_its_columns_in_the_readmes_words(run_dir, capsys):
+    # issue 29: each column of --paths is defined where it prints, in the words the README uses for them
+    assert sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--paths", "--latent", "0", "2", "--n", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, l in enumerate(lines) if l.startswith("  k "))
+    columns = [lines[head][i:i + 16].strip() for i in range(4, len(lines[head]), 16)]
+    assert columns[:2] == ["correct path", "longer path"] and columns[-1] == "accuracy" and len(columns) == 8
+    legend = {l[2:18].strip(): l[19:] for l in lines[:head] if l.startswith("  ")}
+    assert set(legend) == set(columns), (legend, columns)
+    said = " ".join(legend.values())
+    for words in ("the target's chain", "a valid chain to another node", "a road that is not open"):
+        assert words in said
+    assert legend["correct path"].startswith("the target's chain") and "another node" in legend["wrong target"]
+    assert "not open" in legend["hallucination"]
+    rows = [l.split() for l in lines[head + 1:]]
+    assert [r[0] for r in rows] == ["0", "2"]
+    assert all(sum(float(x.rstrip("%")) for x in r[1:8]) == pytest.approx(100, abs=0.5) for r in rows)
+
+
 def test_plot_alone_draws_the_whole_run(run_dir, tmp_path, monkeypatch, capsys):
     # best.pt holds the history up to its best epoch; the plot takes metrics.jsonl beside it: every epoch
     d = tmp_path / "run"
