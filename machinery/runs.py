@@ -120,10 +120,10 @@ def no_thoughts_note(path, cfg, ckpt):
         return f"note: {where}: its answers have no continuous thoughts (--latent N asks for N all the same)"
     try:
         metrics = read_jsonl(os.path.join(os.path.dirname(path), "metrics.jsonl"))
-        reached = f", at {stage_name(metrics[-1]['stage'], cfg)}"
+        reached = f" ({stage_name(metrics[-1]['stage'], cfg)})"
     except (OSError, ValueError, IndexError, KeyError):
         reached = ""
-    return (f"note: {where}: its answers have no continuous thoughts; the run's last save{reached}, has them: "
+    return (f"note: {where}: its answers have no continuous thoughts; the run's last save{reached} has them: "
             f"`python sample.py --ckpt {last}`")
 
 

@@ -405,7 +405,7 @@ def test_a_best_pt_of_stage_0_says_where_the_thoughts_are(run_dir, tmp_path, cap
     assert sample.main(["--out_dir", str(d), "--split", "valid", "--n", "2", "--show_thoughts"]) == 0
     out = capsys.readouterr().out
     assert (f"note: {d / 'best.pt'} was saved at stage 0 (epoch 1, before the curriculum's first thought): its "
-            f"answers have no continuous thoughts; the run's last save, at stage 2, has them: "
+            f"answers have no continuous thoughts; the run's last save (stage 2) has them: "
             f"`python sample.py --ckpt {d / 'ckpt.pt'}`") in out, out
     assert out.count("  (no continuous thoughts: stage 0 feeds none)") == 2
     assert sample.main(["--ckpt", str(d / "ckpt.pt"), "--split", "valid", "--n", "2", "--show_thoughts"]) == 0
