@@ -23,14 +23,15 @@ The paper's runs (GPU; README: Reproducing the paper), e.g. python train.py --da
     python sample.py --split valid --paths --latent 0 1 2 3 4 5 6   # Figure 5: path types after k thoughts
     python sample.py --out_dir out-prosqa_graph-coconut --analyze   # superposition: groups and attention
 A question must be written as the model's training data writes them: a word or symbol it never saw
-is an error that shows one of its own questions, and a question shorter or longer than all of the data's
-gets a warning (the demo's: 24 roads, [Q], two options, [R], the start). Its thoughts are shown whole.
+is an error that shows one of its own questions, and one shorter or longer than all of the data's gets a
+warning (the demo's have 24 roads, [Q], two options, [R], the start). A --question prints whole, with its thoughts.
 
 The model is <out_dir>/best.pt (best validation accuracy; out_dir defaults to train.py's
 out-<dataset>-coconut, then to the CPU demo's out-demo/coconut, and the first line says which), or the
-run's ckpt.pt while it has no best.pt yet, unless --ckpt names a file. A Coconut prompt is the question, <|start-latent|>, N x <|latent|>, <|end-latent|>
-(the demo's: N x <|latent|> alone); N defaults to what the checkpoint's stage uses (the validation
-prompts of its training run), and --latent N sets it. The model then answers greedily in language.
+run's ckpt.pt while it has no best.pt yet, unless --ckpt names a file. A Coconut prompt is the question,
+<|start-latent|>, N x <|latent|>, <|end-latent|> (the demo's: N x <|latent|> alone); N defaults to what the
+checkpoint's stage uses (the validation prompts of its training run), and --latent N sets it. The model then
+answers greedily in language.
 """
 import argparse
 import os
@@ -255,7 +256,8 @@ def run(args):
           f"max_latent_stage {cfg.get('max_latent_stage', 6)})")
     if why:
         print(why)
-    if args.latent is None and trained_thoughts(cfg, stage) == 0 and not plot_alone:
+    answering = not (plot_alone or args.analyze or args.paths or args.losses or args.search is not None)
+    if answering and args.latent is None and trained_thoughts(cfg, stage) == 0:  # (--analyze says its own)
         print(runs.no_thoughts_note(path, cfg, ckpt))
     if plot_alone:
         metrics, source = runs.run_history(path, ckpt)
@@ -296,7 +298,8 @@ def run(args):
         print(f"    A: {tok.decode(out).strip()!r}{mark}")
         if args.show_thoughts:
             if len(th) == 0:
-                print("  (no continuous thoughts" + (": stage 0 feeds none)" if args.latent is None and stage == 0 else ")"))
+                why = ": stage 0 feeds none" if args.latent is None and stage == 0 else ""
+                print(f"  (no continuous thoughts{why})")
             for j, t in enumerate(th):
                 print(format_thought(j + 1, top_tokens(model, t, args.top_k), tok))
     if answered:
