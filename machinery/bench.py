@@ -576,9 +576,12 @@ def bench_profile(args):
     by_op = Counter()
     for e in events:
         by_op[e.key] += e.self_cpu_time_total
-    B = batches[0]["input_ids"].size(0)  # a one-column pass's matmuls are (B, C) x (C, n): B rows, where the others
-    one = [e for e in events if any(len(s) >= 3 and 1 in s[1:] or len(s) == 2 and B in s  # have B x T
-                                    for s in e.input_shapes if isinstance(s, list))]
+    B = batches[0]["input_ids"].size(0)
+
+    def one_column(s):  # (B, 1, C), (B * nh, 1, hs) or a one-column chunk (B * nh, T, 1); (B, nh, 1, hs) queries
+        # (not a mask's (B, 1, T, S)); a matmul's (B, C) x (C, n): B rows, where a longer pass has B x T
+        return len(s) == 3 and 1 in s[1:] or len(s) == 4 and s[2] == 1 or len(s) == 2 and B in s
+    one = [e for e in events if any(one_column(s) for s in e.input_shapes if isinstance(s, list))]
     calls = sum(e.count for e in events if e.key.startswith("aten::"))
     print(f"(e) where Coconut's demo step goes: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(default)')}; {len(batches)} steps, "
