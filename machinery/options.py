@@ -135,7 +135,8 @@ def build_parser(doc=None):
                    help="generation limit (128; GSM8k 64; a data set of yours: its longest chain + answer, +25%%)")
     e.add_argument("--eval_batch_size", type=int, default=None, help="questions generated at once (64)")
     p.add_argument("--demo", action="store_true",
-                   help="the CPU demo (about 8 minutes): makes its graph-search data afresh in <out_dir>/data "
+                   help="the CPU demo (on 2 cores about 8 minutes with AVX-512, 13 with AVX2 alone): makes its "
+                        "graph-search data afresh in <out_dir>/data "
                         "(data/reach/prepare.py; --seed k: world k), trains Coconut, CoT and No-CoT from scratch for "
                         "the same optimizer steps into <out_dir>/coconut, cot and nocot (out_dir: out-demo), prints "
                         "their validation accuracy epoch by epoch and scores each on the held-out test questions "
