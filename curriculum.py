@@ -192,6 +192,22 @@ def final_stage(cfg, ckpt):
     return int(stage) if stage is not None else cfg.get("max_latent_stage", 6) + 1
 
 
+def stage_name(stage, cfg):
+    """
+    A stage as printed (train.py's lines and tables, sample.py's first line): "stage k" up to max_latent_stage M;
+    past it every stage trains alike (every step replaced, M x c thoughts: removed_steps), so stages M+1, M+2, ...
+    all read "the last stage, n thoughts" ("up to n" with pad_latent_to_max 0). cfg: a checkpoint's config or
+    train.py's vars(args). Checkpoints and metrics.jsonl keep the number stage_for_epoch gave.
+    """
+    M, c, mode = cfg.get("max_latent_stage", 6), cfg.get("c_thought", 1), cfg.get("mode", "coconut")
+    if mode in ("cot", "nocot", "icot") or stage is None or stage <= M:  # icot's "stage" counts removed tokens
+        return f"stage {stage}"
+    if mode == "no_thought":
+        return "the last stage, every step removed"
+    n = M * c
+    return f"the last stage, {'' if cfg.get('pad_latent_to_max', 1) else 'up to '}{n} thought{'s' * (n != 1)}"
+
+
 def prompt(tokenized, cfg, stage, tok, n_latent=None):
     """
     The token ids to generate from. n_latent None: exactly what training's validation uses at `stage`

@@ -23,13 +23,15 @@ The paper's runs (GPU; README: Reproducing the paper), e.g. python train.py --da
     python sample.py --split valid --paths --latent 0 1 2 3 4 5 6   # Figure 5: path types after k thoughts
     python sample.py --out_dir out-prosqa_graph-coconut --analyze   # superposition: groups and attention
 A question must be written as the model's training data writes them: a word or symbol it never saw
-is an error that shows one of its own questions.
+is an error that shows one of its own questions, and one shorter or longer than all of the data's gets a
+warning (the demo's have 24 roads, [Q], two options, [R], the start). A --question prints whole, with its thoughts.
 
 The model is <out_dir>/best.pt (best validation accuracy; out_dir defaults to train.py's
-out-<dataset>-coconut, then to the CPU demo's out-demo/coconut, and the first line says which) unless
---ckpt names a file. A Coconut prompt is the question, <|start-latent|>, N x <|latent|>, <|end-latent|>
-(the demo's: N x <|latent|> alone); N defaults to what the checkpoint's stage uses (the validation
-prompts of its training run), and --latent N sets it. The model then answers greedily in language.
+out-<dataset>-coconut, then to the CPU demo's out-demo/coconut, and the first line says which), or the
+run's ckpt.pt while it has no best.pt yet, unless --ckpt names a file. A Coconut prompt is the question,
+<|start-latent|>, N x <|latent|>, <|end-latent|> (the demo's: N x <|latent|> alone); N defaults to what the
+checkpoint's stage uses (the validation prompts of its training run), and --latent N sets it. The model then
+answers greedily in language.
 """
 import argparse
 import os
@@ -38,8 +40,9 @@ import sys
 import torch
 from torch.nn import functional as F
 
-from curriculum import PLAIN, final_stage, is_correct, prompt
+from curriculum import PLAIN, final_stage, is_correct, prompt, stage_name
 from machinery import plots, report, runs
+from machinery.argparser import Parser
 from machinery.checkpoint import first_line, load_checkpoint, resolve_device
 from machinery.evaluate import evaluate, generate_batched
 from machinery.records import load_records, load_split, tokenize
@@ -78,6 +81,12 @@ def trained_thoughts(cfg, stage):
     return min(stage, M) * c
 
 
+def thoughts_said(cfg, stage):
+    """', n thoughts' after a stage up to the last (stage_name names the last one's)."""
+    n = trained_thoughts(cfg, stage)
+    return "" if n is None or stage > cfg.get("max_latent_stage", 6) else f", {n} thought{'s' * (n != 1)}"
+
+
 # -----------------------------------------------------------------------------
 # The command line
 
@@ -92,7 +101,7 @@ def nonneg_int(s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = Parser(prog="sample.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default=None, help="a training run's folder: its best.pt answers (default: "
                                                    "train.py's out-<dataset>-coconut, else the demo's out-demo/coconut); "
@@ -139,6 +148,7 @@ def parse_args(argv=None):
                       help="draw what --eval, --analyze, --paths or --search print (alone: the whole run's losses "
                            "and accuracy, from the metrics.jsonl beside the checkpoint); needs matplotlib")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's choice), as train.py's --threads")
     args = p.parse_args(argv)
 
     for q in args.question:
@@ -157,10 +167,14 @@ def parse_args(argv=None):
         args.split = "valid"  # a data set's natural default
         if not analyses and not args.dataset and args.n is None:  # a first look: a few answers and their thoughts
             args.n, args.show_thoughts = 3, True
+    if args.question:  # a question typed in: what the thoughts hold is half of the answer
+        args.show_thoughts = True
     if analyses and args.question:
         p.error(f"--{analyses[0]} needs records with answers: --file or --split")
     if args.latent is not None and len(args.latent) > 1 and not (args.eval or args.paths):
         p.error("several --latent values need --eval or --paths")
+    if args.threads < 0:
+        p.error("--threads must not be negative")
     for k in ("n", "batch_size", "top_k", "max_new_tokens"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k} must be at least 1")
@@ -228,6 +242,8 @@ def warn_thoughts(cfg, stage, latents):
 def run(args):
     if args.plot and plots.missing():  # say so before any work, not after the tables with no file and exit 0
         raise RuntimeError(f"--plot: {plots.MISSING}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     plot_alone = args.plot and not (args.eval or args.analyze or args.paths or args.losses or args.search is not None)
     if plot_alone and args.out_dir and not args.ckpt and not os.path.isfile(os.path.join(args.out_dir, "best.pt")) \
             and runs.runs_inside(args.out_dir):  # the demo's out-demo: its runs side by side
@@ -236,9 +252,13 @@ def run(args):
     cfg = ckpt.get("config", {})
     stage = final_stage(cfg, ckpt)
     print(f"{path}: {cfg.get('mode', 'coconut')} on {cfg.get('dataset', '?')}, epoch {ckpt.get('epoch', -1) + 1}, "
-          f"stage {stage} (c_thought {cfg.get('c_thought', 1)}, max_latent_stage {cfg.get('max_latent_stage', 6)})")
+          f"{stage_name(stage, cfg)}{thoughts_said(cfg, stage)} (c_thought {cfg.get('c_thought', 1)}, "
+          f"max_latent_stage {cfg.get('max_latent_stage', 6)})")
     if why:
         print(why)
+    answering = not (plot_alone or args.analyze or args.paths or args.losses or args.search is not None)
+    if answering and args.latent is None and trained_thoughts(cfg, stage) == 0:  # (--analyze says its own)
+        print(runs.no_thoughts_note(path, cfg, ckpt))
     if plot_alone:
         metrics, source = runs.run_history(path, ckpt)
         print(f"the run's {len(metrics)} epoch(s) from {source}")
@@ -247,6 +267,9 @@ def run(args):
     warn_thoughts(cfg, stage, args.latent)
     records, answered = load_questions(args, cfg)
     tokenized = tokenize_all(records, tok, cfg)
+    warning = runs.length_warning(tokenized, args, cfg, tok) if args.question else None
+    if warning:
+        print(warning)
     max_new = args.max_new_tokens or cfg.get("max_new_tokens") or 128
     if args.search is not None:
         return report.search(model, tok, records[0], tokenized[0], cfg, stage, max_new, args)
@@ -264,7 +287,8 @@ def run(args):
     outs, thoughts = generate_batched(model, prompts, max_new, args.batch_size)
     correct = 0
     for i, (rec, pr, out, th) in enumerate(zip(records, prompts, outs, thoughts)):
-        q = rec["question"] if len(rec["question"]) <= 120 else "..." + rec["question"][-117:]
+        q = rec["question"]  # a question of the data's cut short, a question typed in whole
+        q = q if args.question or len(q) <= 120 else "..." + q[-117:]
         print(f"[{i + 1}] Q: {q}")
         mark = ""
         if answered:
@@ -274,7 +298,8 @@ def run(args):
         print(f"    A: {tok.decode(out).strip()!r}{mark}")
         if args.show_thoughts:
             if len(th) == 0:
-                print("  (no continuous thoughts)")
+                why = ": stage 0 feeds none" if args.latent is None and stage == 0 else ""
+                print(f"  (no continuous thoughts{why})")
             for j, t in enumerate(th):
                 print(format_thought(j + 1, top_tokens(model, t, args.top_k), tok))
     if answered:

@@ -27,7 +27,7 @@ import time
 import torch
 
 from coconut import Coconut
-from curriculum import build_examples, collate, make_question, stage_for_epoch
+from curriculum import build_examples, collate, make_question, stage_for_epoch, stage_name
 from machinery import demo, parallel, resume
 from machinery.checkpoint import first_line, gpt_from_checkpoint, init_model, resolve_device, tokenizer_from_checkpoint
 from machinery.evaluate import evaluate, summarize_outputs
@@ -88,8 +88,9 @@ def train(args):
                     optimizer = make_optimizer(model, args)
                 loss, n_tokens, stop = train_step(step_model, examples, steps[k], args, tok, device, autocast)
                 if not math.isfinite(loss):
-                    raise Diverged(f"loss is {loss} at step {state['step'] + 1} (epoch {epoch + 1}, stage {stage}, "
-                                   f"batch {k + 1}/{len(steps)}); stopped without saving: {last_good(ckpt_path, saved)}")
+                    raise Diverged(f"loss is {loss} at step {state['step'] + 1} (epoch {epoch + 1}, "
+                                   f"{stage_name(stage, vars(args))}, batch {k + 1}/{len(steps)}); stopped without "
+                                   f"saving: {last_good(ckpt_path, saved)}")
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], total_steps, args)
                 optimizer.step()
@@ -116,7 +117,7 @@ def train(args):
         raise Interrupted(f"interrupted at once; {left_intact(ckpt_path, saved, args)}") from None
     finally:
         restore_signal_handlers(handlers)
-    log(stage_table(state["metrics"]))
+    log(stage_table(state["metrics"], vars(args)))
     return state["metrics"]
 
 
@@ -167,8 +168,8 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
              tokens_per_second=round(state["epoch_tokens"] / max(train_seconds, 1e-9)))
     acc = (f"val acc {100 * m['val_acc']:.2f}% ({m['val_correct']}/{m['val_total']}), "
            f"{m['mean_thoughts'] + m['mean_new_tokens']:.1f} tokens/q" if "val_acc" in m else "val acc -")
-    log(f"epoch {epoch + 1} (stage {stage}): train loss {m['train_loss']:.4f} | val loss {m['val_loss']:.4f} | "
-        f"{acc}{' | best' if improved else ''} | {fmt_time(m['epoch_seconds'])}")
+    log(f"epoch {epoch + 1} ({stage_name(stage, vars(args))}): train loss {m['train_loss']:.4f} | "
+        f"val loss {m['val_loss']:.4f} | {acc}{' | best' if improved else ''} | {fmt_time(m['epoch_seconds'])}")
     return m, improved
 
 

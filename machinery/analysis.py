@@ -649,6 +649,18 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
 
 PATH_CATEGORIES = ("correct_path", "longer_path", "hallucination", "wrong_target", "correct_label", "incorrect_label",
                    "no_answer")
+# What each category means, in the words --paths prints above its table (and the README uses): an edge of the
+# question is an open road of the demo's worlds, a fact "X is a Y" of ProsQA's.
+PATH_MEANINGS = {
+    "correct_path": "the target's chain: a shortest chain of the question's edges from the start to the target",
+    "longer_path": "a longer chain of the question's edges that ends at the target",
+    "hallucination": "uses an edge that is not in the question (a road that is not open), a name that is no "
+                     "node, or a broken chain",
+    "wrong_target": "a valid chain to another node (the other option, or a node that is neither)",
+    "correct_label": "no chain, the right answer at once",
+    "incorrect_label": "no chain, a wrong answer at once",
+    "no_answer": "stopped before '###' (an addition to the paper's six)",
+}
 SENTENCE = re.compile(r"(?:[Ee]very\s+)?(\S+)\s+is\s+an?\s+(\S+)")  # "X is a Y" / "Every X is a Y"
 
 

@@ -43,6 +43,16 @@ Weights are random (the timings do not depend on them); batches are real ProsQA 
     the matmul FLOP rate of each step against a large fp32 matmul's on this machine. It runs alone.
 
     python machinery/bench.py --demo_step
+    python machinery/bench.py --demo_step --against HEAD~1 --threads 1   # today's coconut.py against a commit's
+    python machinery/bench.py --demo_step --profile --threads 1          # where Coconut's step spends its time
+
+    --against REV: Coconut's step with coconut.py as committed at REV (git show) and as it is now, on the same
+    weights and batches, the two alternating step by step (a noisy neighbour hits both alike): the median of the
+    paired ratios, and whether the losses and weights stay bit-identical. --profile: torch.profiler over a few
+    steps, the time by op, and the share of the one-column thought passes (the ops whose inputs have a
+    one-column dimension: (B, 1, C), (B, nh, 1, hs), ...).
+    ATEN_CPU_CAPABILITY=avx2 (with ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2) times an AVX-512 machine's
+    AVX2 kernels.
 """
 import argparse
 import contextlib
@@ -64,6 +74,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the projec
 sys.path.insert(0, ROOT)  # run as a file (python machinery/bench.py), the package and the scripts' modules import
 
 import data.reach.prepare as reach_prepare
+from machinery.argparser import Parser
 from machinery.analysis import node_groups
 from coconut import Coconut
 from curriculum import build_examples, collate, make_example, make_question
@@ -443,13 +454,11 @@ def bench_demo_step(args):
     tok = symbol_tokenizer(records)
     n = 2048
     a = torch.randn(n, n)
-    t, _ = timed(lambda: [a @ a for _ in range(4)], "cpu")
-    peak = 4 * 2 * n ** 3 / t / 1e9
-    print(f"(e) the demo's step: torch {torch.__version__}, {torch.get_num_threads()} threads; a {n}x{n} fp32 matmul "
-          f"runs at {peak:.0f} GFLOP/s here")
-    print(f"{'':>8} {'GFLOP a step':>19} {'ms a step':>19} {'':>6} {'matmul rate':>19}")
-    print(f"{'method':>8} {'where read':>11} {'all':>7} {'where read':>11} {'all':>7} {'ratio':>6} {'GFLOP/s':>9} "
-          f"{'of peak':>9}")
+
+    def matmul_rate():  # measured between the steps' rounds: on a loaded machine, at the same moments as they
+        t, _ = timed(lambda: [a @ a for _ in range(2)], "cpu")
+        return 2 * 2 * n ** 3 / t / 1e9
+    rows, peaks = [], []
     for mode, stage in (("coconut", cfg["max_latent_stage"]), ("cot", 0), ("nocot", 0)):
         torch.manual_seed(0)
         gpt = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
@@ -474,15 +483,122 @@ def bench_demo_step(args):
             with FlopCounterMode(display=False) as fc:
                 step(batches[0], skip)
             flops[skip] = fc.get_total_flops()
+        mode_peaks = []
         for r in range(args.warmup + args.repeats):
             for skip in (True, False):  # interleaved: a noisy neighbour hits both alike
                 t, _ = timed(lambda: [step(b, skip) for b in batches], "cpu")
                 if r >= args.warmup:
                     times[skip].append(t / len(batches))
+            if r >= args.warmup:
+                mode_peaks.append(matmul_rate())
         read, every = (statistics.median(times[k]) for k in (True, False))
         rate = flops[True] / read / 1e9
-        print(f"{mode:>8} {flops[True] / 1e9:11.2f} {flops[False] / 1e9:7.2f} {1e3 * read:11.1f} {1e3 * every:7.1f} "
-              f"{read / every:6.2f} {rate:9.1f} {rate / peak:9.0%}")
+        peaks += mode_peaks
+        rows.append(f"{mode:>8} {flops[True] / 1e9:11.2f} {flops[False] / 1e9:7.2f} {1e3 * read:11.1f} "
+                    f"{1e3 * every:7.1f} {read / every:6.2f} {rate:9.1f} {rate / statistics.median(mode_peaks):9.0%}")
+    print(f"(e) the demo's step: torch {torch.__version__}, {torch.get_num_threads()} threads; a {n}x{n} fp32 matmul "
+          f"runs at {statistics.median(peaks):.0f} GFLOP/s here (the median of {len(peaks)} measures between the "
+          f"steps' rounds, {min(peaks):.0f}-{max(peaks):.0f}; each row's 'of peak' is against its own rounds')")
+    print(f"{'':>8} {'GFLOP a step':>19} {'ms a step':>19} {'':>6} {'matmul rate':>19}")
+    print(f"{'method':>8} {'where read':>11} {'all':>7} {'where read':>11} {'all':>7} {'ratio':>6} {'GFLOP/s':>9} "
+          f"{'of peak':>9}")
+    print("\n".join(rows))
+
+
+def demo_step_setup(mode="coconut", n_batches=8, coconut_class=Coconut):
+    """The demo's model (seed 0), AdamW and n_batches of its batches for one method -> (model, optimizer,
+    batches, step): step(batch) is one optimizer step and returns its loss."""
+    cfg = DATASET_DEFAULTS["reach"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stdout(None):
+            reach_prepare.main(["--out_dir", tmp, "--n_train", str(cfg["batch_size"] * n_batches), "--n_valid", "1",
+                                "--n_test", "1"])
+        records = load_records(os.path.join(tmp, "train.json"))
+    tok = symbol_tokenizer(records)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                        block_size=cfg["block_size"], vocab_size=tok.vocab_size))
+    model = coconut_class(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id, feedback=mode == "coconut")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+    stage = cfg["max_latent_stage"] if mode == "coconut" else 0
+    examples = build_examples([tokenize(r, tok) for r in records], stage, mode, cfg["c_thought"],
+                              cfg["max_latent_stage"], tok=tok, markers=bool(cfg["markers"]),
+                              thought_labels=bool(cfg["thought_labels"]))
+    batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
+               for i in range(0, len(examples), cfg["batch_size"])]
+
+    def step(b):
+        loss = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return model, optimizer, batches, step
+
+
+def coconut_at(rev):
+    """coconut.py as committed at rev (git show), imported as a module of its own -> its Coconut class."""
+    source = subprocess.run(["git", "show", f"{rev}:coconut.py"], cwd=ROOT, capture_output=True, text=True)
+    if source.returncode:
+        raise SystemExit(f"bench.py: error: --against {rev}: {source.stderr.strip()}")
+    module = type(sys)(f"coconut_{rev}")
+    exec(compile(source.stdout, f"{rev}:coconut.py", "exec"), module.__dict__)
+    return module.Coconut
+
+
+def bench_against(args):
+    """--demo_step --against REV: Coconut's step, coconut.py at REV against today's, steps alternating."""
+    sides = {args.against: demo_step_setup(coconut_class=coconut_at(args.against)), "now": demo_step_setup()}
+    times, losses = {k: [] for k in sides}, {k: [] for k in sides}
+    for k, (_, _, batches, step) in sides.items():
+        step(batches[0])  # warm-up, the same for both
+    order = list(sides)
+    for r in range(args.warmup + args.repeats):
+        for j in range(len(sides["now"][2])):
+            for k in (order if (r + j) % 2 == 0 else order[::-1]):  # alternate which goes first
+                t, loss = timed(lambda: sides[k][3](sides[k][2][j]), "cpu")
+                if r >= args.warmup:
+                    times[k].append(t)
+                losses[k].append(loss)
+    weights = [side[0].state_dict() for side in sides.values()]
+    same = losses[order[0]] == losses["now"] and all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+    paired = statistics.median(a / b for a, b in zip(times["now"], times[args.against]))
+    print(f"(e) Coconut's step, coconut.py now against {args.against}: torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(default)')}")
+    before, now = (1e3 * statistics.median(times[k]) for k in (args.against, "now"))
+    print(f"  ms a step (medians of {len(times['now'])}): {args.against} {before:.1f}, now {now:.1f}; now / "
+          f"{args.against}, the median of paired steps: {paired:.3f}; losses and weights bit-identical after "
+          f"{len(losses['now'])} steps: {same}")
+
+
+def bench_profile(args):
+    """--demo_step --profile: where Coconut's demo step spends its time, by op (torch.profiler, a few steps)."""
+    from torch.profiler import ProfilerActivity, profile
+    _, _, batches, step = demo_step_setup(n_batches=4)
+    for b in batches:
+        step(b)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for b in batches:
+            step(b)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    by_op = Counter()
+    for e in events:
+        by_op[e.key] += e.self_cpu_time_total
+    B = batches[0]["input_ids"].size(0)
+
+    def one_column(s):  # (B, 1, C), (B * nh, 1, hs) or a one-column chunk (B * nh, T, 1); (B, nh, 1, hs) queries
+        # (not a mask's (B, 1, T, S)); a matmul's (B, C) x (C, n): B rows, where a longer pass has B x T
+        return len(s) == 3 and 1 in s[1:] or len(s) == 4 and s[2] == 1 or len(s) == 2 and B in s
+    one = [e for e in events if any(one_column(s) for s in e.input_shapes if isinstance(s, list))]
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    print(f"(e) where Coconut's demo step goes: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '(default)')}; {len(batches)} steps, "
+          f"{1e3 * total / 1e6 / len(batches):.0f} ms a step of ops' own time, {calls / len(batches):.0f} aten calls a step")
+    print("  by op: " + ", ".join(f"{k.replace('aten::', '')} {v / total:.1%}" for k, v in by_op.most_common(10)))
+    print(f"  the one-column thought passes (ops with a one-column input): "
+          f"{sum(e.self_cpu_time_total for e in one) / total:.1%} of the time, "
+          f"{sum(e.count for e in one) / len(batches):.0f} calls a step")
 
 
 def loss_over_every_column(model, input_ids, attention_mask, labels, position_ids):
@@ -882,7 +998,7 @@ def bench_superposition(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="machinery/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="*", default=["gpt2", "small"], choices=list(SIZES),
                    help="model shapes for the speed ratios (none: skip them)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -903,6 +1019,9 @@ def main():
                         "after (today's); no value: both")
     p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
     p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
+    p.add_argument("--against", default=None, metavar="REV", help="with --demo_step: coconut.py at a git commit "
+                   "against today's, steps alternating: the paired ratio and whether results stay bit-identical")
+    p.add_argument("--profile", action="store_true", help="with --demo_step: Coconut's step by op (torch.profiler)")
     p.add_argument("--demo_step", action="store_true", help="(e) the CPU demo's step, the last block where read "
                                                              "and everywhere, against the matmul rate")
     f = p.add_argument_group("(d) --fsdp N: train.py --fsdp, fully_shard's default and DDP over N processes")
@@ -942,7 +1061,7 @@ def main():
     if args.fsdp:
         return bench_fsdp(args)
     if args.demo_step:
-        return bench_demo_step(args)
+        return bench_against(args) if args.against else bench_profile(args) if args.profile else bench_demo_step(args)
     here = ROOT
     candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
                   os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]

@@ -10,7 +10,7 @@ folder ./tiktoken-cache), else sections 2-3 use the symbolic prosqa_graph record
 prints one `FAILED: ...` line and the next one runs. With $OUT set, the lines also go to $OUT/gpu_check.log,
 beside results.json, metrics.jsonl and train.log.
 """
-import argparse, contextlib, copy, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time  # noqa: E401
+import contextlib, copy, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time  # noqa: E401
 import traceback
 
 import torch
@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)  # run as a file (python machinery/gpu_check.py), the p
 
 from coconut import Coconut
 from curriculum import collate, make_example, make_question
+from machinery.argparser import Parser
 from machinery.evaluate import generate_batched
 from gpt import GPT, GPTConfig
 from machinery.records import load_records, tokenize
@@ -302,7 +303,7 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="machinery/gpu_check.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--budget_s", type=float, default=540, help="seconds for everything; the run takes what is left")
     p.add_argument("--skip", default="", help="comma list of sections to skip: numerics,timing,run")
     p.add_argument("--smoke", action="store_true", help="a tiny version of every section (CPU, seconds)")

@@ -5,6 +5,7 @@ Every line comes from rank 0 alone under torchrun.
 """
 import time
 
+from curriculum import stage_name
 from machinery import parallel
 from machinery.checkpoint import LATENT_MODES
 
@@ -111,19 +112,28 @@ class Meter:
         val = [m["epoch_seconds"] - m["train_seconds"] for m in state["metrics"]][-1:] or [0.0]
         epoch_eta = per_step * (n_steps - k)
         run_eta = epoch_eta + (args.epochs - state["epoch"] - 1) * (per_step * n_steps + val[0]) + val[0]
-        log(f"stage {state['stage']} | epoch {state['epoch'] + 1}/{args.epochs} | step {k}/{n_steps} ({state['step']}) | "
-            f"loss {loss:.4f} | {self.tokens / max(now - self.t_log, 1e-9):,.0f} tok/s | "
+        log(f"{stage_name(state['stage'], vars(args))} | epoch {state['epoch'] + 1}/{args.epochs} | "
+            f"step {k}/{n_steps} ({state['step']}) | loss {loss:.4f} | {self.tokens / max(now - self.t_log, 1e-9):,.0f} tok/s | "
             f"ETA epoch {fmt_time(epoch_eta)}, run {fmt_time(run_eta)}")
         self.t_log, self.tokens = now, 0
         return run_eta
 
 
-def stage_table(metrics):
-    """Validation accuracy at the last evaluated epoch of each stage."""
-    rows = [f"{'stage':>5} {'epochs':>7} {'steps':>6} {'accuracy':>9}"]
-    for stage in sorted({m["stage"] for m in metrics}):
-        ms = [m for m in metrics if m["stage"] == stage and "val_acc" in m]
-        if ms:
-            epochs = f"{min(x['epoch'] for x in metrics if x['stage'] == stage)}-{ms[-1]['epoch']}"
-            rows.append(f"{stage:>5} {epochs:>7} {ms[-1]['step']:>6} {100 * ms[-1]['val_acc']:8.2f}%")
+def stage_table(metrics, cfg=None):
+    """
+    Validation accuracy at the last evaluated epoch of each stage. cfg (train.py's vars(args)): the stages past
+    max_latent_stage, which all train alike, are one row named as curriculum.stage_name names it ("last, 4 thoughts").
+    """
+    groups = {}  # a stage's printed name -> its epochs' metrics, in order
+    for m in metrics:
+        name = stage_name(m["stage"], cfg) if cfg else f"stage {m['stage']}"
+        groups.setdefault(name.replace("the last stage", "stage last"), []).append(m)
+    width = max([5] + [len(n) - len("stage ") for n in groups])
+    rows = [f"{'stage':>{width}} {'epochs':>7} {'steps':>6} {'accuracy':>9}"]
+    for name, ms in groups.items():
+        evaluated = [m for m in ms if "val_acc" in m]
+        if evaluated:
+            epochs = f"{ms[0]['epoch']}-{evaluated[-1]['epoch']}"
+            rows.append(f"{name[len('stage '):]:>{width}} {epochs:>7} {evaluated[-1]['step']:>6} "
+                        f"{100 * evaluated[-1]['val_acc']:8.2f}%")
     return "\n".join(rows)

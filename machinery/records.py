@@ -16,10 +16,15 @@ from typing import List, NamedTuple, Optional
 from machinery.tokenizer import _texts, gpt2_tokenizer
 
 
+EXPECTED = 'a JSON list of {"question", "steps", "answer"} records, or JSON Lines (one record per line)'
+
+
 def load_records(path, steps_optional=False):
     """
-    A data set file: a JSON list of {"question": str, "steps": [str, ...], "answer": str}, checked.
+    A data set file: a JSON list of {"question": str, "steps": [str, ...], "answer": str}, or JSON Lines (one
+    such object per line: a .jsonl file, or any file whose JSON stops after its first line), checked.
     steps_optional: a record without "steps" gets [] (questions to answer, as sample.py --file takes them).
+    ValueError, one line naming the file, the line and what is expected, for anything else.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
@@ -29,14 +34,20 @@ def load_records(path, steps_optional=False):
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not text.strip():
-        raise ValueError(f'{path}: the file is empty (expected a JSON list of {{"question", "steps", "answer"}} records)')
+        raise ValueError(f"{path}: the file is empty (expected {EXPECTED})")
+    lines = path.endswith(".jsonl")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:  # some messages end in "at" already ("Invalid control character at")
-        at = "" if e.msg.endswith(" at") else " at"
-        raise ValueError(f"{path}: not valid JSON: {e.msg}{at} line {e.lineno} column {e.colno}") from None
+        data = json_lines(text) if lines else json.loads(text)
+    except json.JSONDecodeError as e:
+        if not lines and e.msg == "Extra data":  # a second JSON value after the first: JSON Lines
+            try:
+                data = json_lines(text)
+            except json.JSONDecodeError as e2:
+                raise ValueError(f"{path}: not valid JSON or JSON Lines: {where(e2)} (expected {EXPECTED})") from None
+        else:
+            raise ValueError(f"{path}: not valid JSON{' Lines' * lines}: {where(e)} (expected {EXPECTED})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got a JSON {type(data).__name__}")
+        raise ValueError(f"{path}: expected {EXPECTED}, got a JSON {type(data).__name__}")
     for i, r in enumerate(data):
         if steps_optional and isinstance(r, dict):
             r.setdefault("steps", [])
@@ -44,9 +55,30 @@ def load_records(path, steps_optional=False):
     return data
 
 
+def json_lines(text):
+    """JSON Lines: one JSON value per non-blank line -> the list of them (json.JSONDecodeError at the first bad
+    line, its lineno that of the file)."""
+    data = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise json.JSONDecodeError(e.msg, text, sum(len(l) + 1 for l in text.splitlines()[:n - 1]) + e.pos)
+    return data
+
+
+def where(e):
+    # some messages end in "at" already ("Invalid control character at")
+    return f"{e.msg}{'' if e.msg.endswith(' at') else ' at'} line {e.lineno} column {e.colno}"
+
+
 def load_split(data_dir, dataset, split):
-    """<data_dir>/<dataset>/<split>.json: a prepared data set of this project, or any folder of the user's."""
+    """<data_dir>/<dataset>/<split>.json (or .jsonl): a prepared data set of this project, or any folder of the
+    user's."""
     path = os.path.join(data_dir, dataset, f"{split}.json")
+    if not os.path.isfile(path) and os.path.isfile(path + "l"):
+        path += "l"
     if not os.path.isfile(path):
         home = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", dataset)
         ours = os.path.isfile(os.path.join(home, "prepare.py"))

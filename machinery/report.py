@@ -7,7 +7,7 @@ of the world), and the demo's three runs in one figure. The measures themselves 
 import os
 from collections import defaultdict
 
-from curriculum import PLAIN, is_correct, prompt
+from curriculum import PLAIN, is_correct, prompt, stage_name
 from machinery import analysis, plots
 from machinery.evaluate import generate_batched
 from machinery.runs import METHOD_NAMES, read_jsonl, runs_inside
@@ -31,8 +31,8 @@ def plot_methods(args):
 
 def losses(model, tok, tokenized, cfg, stage):
     """--losses: where a model's training loss is, piece by piece (analysis.piece_losses)."""
-    print(f"the training sequences at stage {stage}, teacher-forced: loss (nats) and accuracy (the argmax is the "
-          f"label) of each piece")
+    print(f"the training sequences at {stage_name(stage, cfg)}, teacher-forced: loss (nats) and accuracy (the argmax "
+          f"is the label) of each piece")
     print(f"{'piece':>10} {'loss':>8} {'accuracy':>9} {'tokens':>7}")
     for name, loss, acc, n in analysis.piece_losses(model, tok, tokenized, cfg, stage):
         print(f"{name:>10} {loss:8.4f} {100 * acc:8.2f}% {n:7d}")
@@ -53,8 +53,10 @@ def paths(model, tok, records, tokenized, cfg, max_new, args):
         correct[k] = [is_correct(p, o, r["answer"], tok) for p, o, r in zip(prompts, outs, records)]
     rows = analysis.path_table(labels, correct)
     names = [c.replace("_", " ") for c in analysis.PATH_CATEGORIES]
-    print("the path written after k thoughts (the paper's Figure 5), share of questions; accuracy: the answer; "
-          "no answer: stopped before '###'")
+    print("the path written after k thoughts (the paper's Figure 5), share of questions in each column:")
+    for name, c in zip(names, analysis.PATH_CATEGORIES):
+        print(f"  {name:<16} {analysis.PATH_MEANINGS[c]}")
+    print(f"  {'accuracy':<16} the answer right by the official rule, whatever the path before it")
     print(f"{'k':>3} " + " ".join(f"{n:>15}" for n in names) + f" {'accuracy':>9}")
     for r in rows:
         print(f"{r['k']:>3} " + " ".join(f"{100 * r[c]:14.1f}%" for c in analysis.PATH_CATEGORIES) +

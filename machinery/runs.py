@@ -5,7 +5,9 @@ data set), or the CPU demo's; the runs inside a folder (the demo's out-demo hold
 """
 import os
 
+from curriculum import stage_name
 from machinery import plots
+from machinery.records import load_split, tokenize
 
 METHOD_NAMES = {"coconut": "Coconut", "cot": "CoT", "nocot": "No-CoT"}  # the demo's three runs, in its order
 
@@ -39,41 +41,43 @@ def not_a_run(folder, flag):
 def find_checkpoint(args):
     """
     The checkpoint named (args.ckpt, or args.out_dir's best.pt), else the default run's (train.py's out_dir for
-    args.dataset), else the CPU demo's. -> (path, why): why says how the path was chosen when nothing named it.
-    FileNotFoundError, one line, when there is none: it names the file to pass instead, or the command that makes one.
+    args.dataset), else the CPU demo's. A run that has saved no best.pt yet (stopped before its first validation
+    accuracy) answers with its own last save, ckpt.pt, before any other run's. -> (path, why): why says how the
+    path was chosen when nothing named it exactly. FileNotFoundError, one line, when there is none: it names the
+    file to pass instead, or the command that makes one.
     """
-    why = None
     if args.ckpt and os.path.isdir(args.ckpt):
         raise not_a_run(args.ckpt, "--ckpt")
     if args.out_dir and os.path.isfile(args.out_dir):
         raise FileNotFoundError(f"--out_dir wants a run's folder: {args.out_dir} is a file (--ckpt {args.out_dir})")
-    if args.ckpt or args.out_dir:
-        candidates = [args.ckpt or os.path.join(args.out_dir, "best.pt")]
-    else:
-        candidates = [os.path.join(f"out-{args.dataset or 'prosqa'}-coconut", "best.pt")]
-        if not args.dataset:
-            candidates.append(os.path.join("out-demo", "coconut", "best.pt"))
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        last = [os.path.join(os.path.dirname(c), "ckpt.pt") for c in candidates if os.path.basename(c) == "best.pt"]
-        last = next((c for c in last if os.path.isfile(c)), None)
-        if last:  # a run stopped before its first validation accuracy: no best.pt yet, but its last save
-            raise FileNotFoundError(f"no best.pt yet (the run has not measured a validation accuracy), but {last} "
-                                    f"holds its last save: `python sample.py --ckpt {last}`")
-        if args.out_dir and not args.ckpt and os.path.isdir(args.out_dir):
-            raise not_a_run(args.out_dir, "--out_dir")
-        if args.ckpt or args.out_dir:
-            raise FileNotFoundError(f"no model to answer with: {candidates[0]} does not exist")
-        raise FileNotFoundError(f"no trained model yet ({' or '.join(candidates)}): make one with `python train.py "
-                                f"--demo` (CPU, minutes) or `python train.py --dataset prosqa` (the paper's run, a GPU), "
-                                f"or pass --out_dir or --ckpt")
-    if not (args.ckpt or args.out_dir):
-        run = os.path.dirname(candidates[0])
-        why = (f"the default model: {run}, the run of train.py --dataset {args.dataset or 'prosqa'}"
-               if path == candidates[0] else
-               f"the CPU demo's Coconut, since there is no {candidates[0]} (the paper's ProsQA run)")
-        why += "; --out_dir or --ckpt chooses another"
-    return path, why
+    if args.ckpt:
+        if not os.path.isfile(args.ckpt):
+            raise FileNotFoundError(f"no model to answer with: {args.ckpt} does not exist")
+        return args.ckpt, None
+    runs = [args.out_dir] if args.out_dir else [f"out-{args.dataset or 'prosqa'}-coconut"] + \
+        ([] if args.dataset else [os.path.join("out-demo", "coconut")])
+    for i, run in enumerate(runs):
+        best, last = os.path.join(run, "best.pt"), os.path.join(run, "ckpt.pt")
+        if os.path.isfile(best):
+            return best, None if args.out_dir else default_why(run, i, args)
+        if os.path.isfile(last):  # stopped before its first validation accuracy: no best.pt yet, its last save
+            why = (f"no {best} yet (the run has not measured a validation accuracy): answering with its last save, "
+                   f"{last}" + ("" if args.out_dir else f"; {default_why(run, i, args)}"))
+            return last, why
+    if args.out_dir and os.path.isdir(args.out_dir):
+        raise not_a_run(args.out_dir, "--out_dir")
+    if args.out_dir:
+        raise FileNotFoundError(f"no model to answer with: {os.path.join(args.out_dir, 'best.pt')} does not exist")
+    raise FileNotFoundError(f"no trained model yet ({' or '.join(os.path.join(r, 'best.pt') for r in runs)}): make "
+                            f"one with `python train.py --demo` (CPU, minutes) or `python train.py --dataset prosqa` "
+                            f"(the paper's run, a GPU), or pass --out_dir or --ckpt")
+
+
+def default_why(run, i, args):
+    """How the default model was chosen: the data set's own run (i = 0), or the demo's when that has none."""
+    why = (f"the default model: {run}, the run of train.py --dataset {args.dataset or 'prosqa'}" if i == 0 else
+           "the CPU demo's Coconut, since there is no out-prosqa-coconut/best.pt or ckpt.pt (the paper's ProsQA run)")
+    return why + "; --out_dir or --ckpt chooses another"
 
 
 def run_history(path, ckpt):
@@ -102,3 +106,42 @@ def data_dir_for(args, cfg):
         return args.data_dir
     own = not args.dataset or args.dataset == cfg.get("dataset")
     return (cfg.get("data_dir") or "data") if own else "data"
+
+
+def no_thoughts_note(path, cfg, ckpt):
+    """
+    The note for a Coconut checkpoint saved at stage 0 (a short run's best.pt: its best validation accuracy came
+    before any thought): its answers have no continuous thoughts, and the run's last save (ckpt.pt beside it,
+    at the stage metrics.jsonl last names) has them.
+    """
+    where = f"{path} was saved at stage 0 (epoch {ckpt.get('epoch', -1) + 1}, before the curriculum's first thought)"
+    last = os.path.join(os.path.dirname(path), "ckpt.pt")
+    if os.path.abspath(last) == os.path.abspath(path) or not os.path.isfile(last):
+        return f"note: {where}: its answers have no continuous thoughts (--latent N asks for N all the same)"
+    try:
+        metrics = read_jsonl(os.path.join(os.path.dirname(path), "metrics.jsonl"))
+        reached = f" ({stage_name(metrics[-1]['stage'], cfg)})"
+    except (OSError, ValueError, IndexError, KeyError):
+        reached = ""
+    return (f"note: {where}: its answers have no continuous thoughts; the run's last save{reached} has them: "
+            f"`python sample.py --ckpt {last}`")
+
+
+def length_warning(tokenized, args, cfg, tok):
+    """
+    One line (or None) when a question written by hand is shorter or longer, in tokens, than every validation
+    question of the checkpoint's data set: a model answers questions shaped like its data's (the demo's: 24 roads),
+    and a question of another shape runs on without an error. None when that data set is not on this machine.
+    """
+    name = args.dataset or cfg.get("dataset")
+    try:
+        reference = [len(tokenize(r, tok).question) for r in load_split(data_dir_for(args, cfg), name, "valid")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    low, high = min(reference), max(reference)
+    outside = [(i + 1, len(t.question)) for i, t in enumerate(tokenized) if not low <= len(t.question) <= high]
+    if not outside:
+        return None
+    said = ", ".join(f"question {i} has {n} tokens" for i, n in outside)
+    return (f"warning: {said}, where the {name} data's validation questions have {low}-{high}: this model was "
+            f"trained on questions of that shape, and answers others untested")

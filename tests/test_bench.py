@@ -166,3 +166,27 @@ def test_the_demo_step_where_read_and_everywhere():
         read, every, ms_read, ms_every, ratio = map(float, field(rf"\n\s*{mode}" + rf"\s+{NUM}" * 5, r.stdout))
         assert 0.5 * every < read < 0.9 * every  # the last of two blocks skips most columns
         assert ms_read > 0 and ms_every > 0 and ratio == pytest.approx(ms_read / ms_every, abs=0.01)
+
+
+def test_the_demo_step_against_a_commit_and_by_op():
+    # issue 29: --against REV times coconut.py at a commit against today's, alternating, and checks that the two
+    # train bit for bit alike (HEAD: the same code, in a clean checkout); --profile gives the time by op and the
+    # one-column passes' share
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    bench = [sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--demo_step", "--threads", "1"]
+    r = subprocess.run(bench + ["--against", "HEAD", "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before, now, paired = map(float, field(rf"HEAD {NUM}, now {NUM}; now / HEAD, the median of paired "
+                                           rf"steps: {NUM};", r.stdout))
+    assert before > 0 and now > 0 and 0.2 < paired < 5
+    assert "losses and weights bit-identical after 8 steps: True" in r.stdout
+    r = subprocess.run(bench + ["--against", "no-such-rev"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--against no-such-rev" in r.stderr
+    r = subprocess.run(bench + ["--profile"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    shares = [float(x) for x in re.findall(r"([0-9.]+)%", r.stdout.split("by op: ")[1].splitlines()[0])]
+    assert len(shares) == 10 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.1
+    assert re.search(r"one-column thought passes \(ops with a one-column input\): [0-9.]+% of the time, \d+ calls",
+                     r.stdout)

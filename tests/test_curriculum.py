@@ -165,6 +165,26 @@ def test_load_records_missing_file_and_good_file(tmp_path):
     assert load_records(path, steps_optional=True) == [{"question": "q?", "steps": [], "answer": "x"}, GOOD]
 
 
+def test_json_lines(tmp_path):
+    # issue 29: JSON Lines are read (a .jsonl file, or a .json file holding one record per line), and a file
+    # that is neither says what is expected in one line; a split may be <split>.jsonl
+    from machinery.records import load_split
+    other = {**GOOD, "question": "r?"}
+    lines = json.dumps(GOOD) + "\n\n" + json.dumps(other) + "\n"
+    assert load_records(_write(tmp_path, lines, "my.jsonl")) == [GOOD, other]
+    assert load_records(_write(tmp_path, lines, "my.json")) == [GOOD, other]
+    assert load_records(_write(tmp_path, json.dumps(GOOD) + "\n", "one.jsonl")) == [GOOD]
+    for name in ("bad.jsonl", "bad.json"):
+        with pytest.raises(ValueError) as e:
+            load_records(_write(tmp_path, json.dumps(GOOD) + "\n{'question': 'q'}\n", name))
+        msg = str(e.value)
+        assert "line 2 column 2" in msg and "JSON Lines" in msg and 'a JSON list of {"question"' in msg, msg
+        assert len(msg.splitlines()) == 1
+    (tmp_path / "mine").mkdir()
+    _write(tmp_path / "mine", lines, "train.jsonl")
+    assert load_split(str(tmp_path), "mine", "train") == [GOOD, other]
+
+
 # ----------------------------------------------------------------------------- the modes, by hand
 
 def ex(ids, labels):

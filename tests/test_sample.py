@@ -300,6 +300,25 @@ def test_plots_from_the_command_line(run_dir, tmp_path, capsys):
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 300
 
 
+def test_paths_defines_its_columns_in_the_readmes_words(run_dir, capsys):
+    # issue 29: each column of --paths is defined where it prints, in the words the README uses for them
+    assert sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--paths", "--latent", "0", "2", "--n", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(i for i, l in enumerate(lines) if l.startswith("  k "))
+    columns = [lines[head][i:i + 16].strip() for i in range(4, len(lines[head]), 16)]
+    assert columns[:2] == ["correct path", "longer path"] and columns[-1] == "accuracy" and len(columns) == 8
+    legend = {l[2:18].strip(): l[19:] for l in lines[:head] if l.startswith("  ")}
+    assert set(legend) == set(columns), (legend, columns)
+    said = " ".join(legend.values())
+    for words in ("the target's chain", "a valid chain to another node", "a road that is not open"):
+        assert words in said
+    assert legend["correct path"].startswith("the target's chain") and "another node" in legend["wrong target"]
+    assert "not open" in legend["hallucination"]
+    rows = [l.split() for l in lines[head + 1:]]
+    assert [r[0] for r in rows] == ["0", "2"]
+    assert all(sum(float(x.rstrip("%")) for x in r[1:8]) == pytest.approx(100, abs=0.5) for r in rows)
+
+
 def test_plot_alone_draws_the_whole_run(run_dir, tmp_path, monkeypatch, capsys):
     # best.pt holds the history up to its best epoch; the plot takes metrics.jsonl beside it: every epoch
     d = tmp_path / "run"
@@ -325,14 +344,15 @@ def test_plot_alone_draws_the_whole_run(run_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_small_truths(run_dir, tmp_path, capsys):
-    # a run with ckpt.pt but no best.pt yet: the error names ckpt.pt and the command that uses it
+    # a run with ckpt.pt but no best.pt yet answers with that ckpt.pt, and says so (issue 29)
     d = tmp_path / "early"
     d.mkdir()
     (d / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes())
-    assert sample.main(["--out_dir", str(d), "--question", "Is Alex a fpus?"]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"but {d / 'ckpt.pt'} holds its last save: " \
-        f"`python sample.py --ckpt {d / 'ckpt.pt'}`" in err, err
+    assert sample.main(["--out_dir", str(d), "--split", "valid", "--n", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{d / 'ckpt.pt'}: coconut on tiny, epoch 3, ")
+    assert out[1] == (f"no {d / 'best.pt'} yet (the run has not measured a validation accuracy): answering with its "
+                      f"last save, {d / 'ckpt.pt'}")
     # --file: questions with answers and no steps
     valid = json.load(open(run_dir.parent / "data" / "tiny" / "valid.json"))[:3]
     f = tmp_path / "mine.json"
@@ -349,6 +369,73 @@ def test_small_truths(run_dir, tmp_path, capsys):
     assert re.search(r"^\s+2\s+4\s", out, re.M)  # a row for thought 2, over the 4 records
     assert sample.main(["--ckpt", str(tmp_path / "stage0.pt"), "--analyze", "--n", "4", "--latent", "0"]) == 1
     assert "no continuous thoughts to analyze" in capsys.readouterr().err  # asked for 0: still an error
+
+
+def test_a_stopped_run_answers_with_its_own_ckpt(run_dir, tmp_path, monkeypatch, capsys):
+    # issue 29: `python sample.py --latent 2` after a stopped ProsQA run with ckpt.pt and no best.pt: that run's
+    # ckpt.pt answers, not the demo's best.pt (here a model of other weights), and the second line says so
+    (tmp_path / "out-prosqa-coconut").mkdir()
+    (tmp_path / "out-prosqa-coconut" / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes())
+    (tmp_path / "out-demo" / "coconut").mkdir(parents=True)
+    (tmp_path / "out-demo" / "coconut" / "best.pt").write_bytes((run_dir / "best.pt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        assert sample.main(["--latent", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("out-prosqa-coconut/ckpt.pt: coconut on tiny, epoch 3, stage 2, 2 thoughts ("), out[0]
+    assert out[1].startswith("no out-prosqa-coconut/best.pt yet (the run has not measured a validation accuracy): "
+                             "answering with its last save, out-prosqa-coconut/ckpt.pt; the default model: "
+                             "out-prosqa-coconut, the run of train.py --dataset prosqa"), out[1]
+
+
+def test_a_best_pt_of_stage_0_says_where_the_thoughts_are(run_dir, tmp_path, capsys):
+    # issue 29: a short run's best.pt saved at stage 0 answers without thoughts: a note says why, and names the
+    # run's last save, which has them, with its stage (from metrics.jsonl)
+    d = tmp_path / "short"
+    d.mkdir()
+    ck = torch.load(run_dir / "ckpt.pt", weights_only=True)
+    ck["stage"], ck["epoch"] = 0, 0
+    torch.save(ck, d / "best.pt")
+    (d / "ckpt.pt").write_bytes((run_dir / "ckpt.pt").read_bytes())
+    (d / "metrics.jsonl").write_bytes((run_dir / "metrics.jsonl").read_bytes())
+    assert sample.main(["--out_dir", str(d), "--split", "valid", "--n", "2", "--show_thoughts"]) == 0
+    out = capsys.readouterr().out
+    assert (f"note: {d / 'best.pt'} was saved at stage 0 (epoch 1, before the curriculum's first thought): its "
+            f"answers have no continuous thoughts; the run's last save (stage 2) has them: "
+            f"`python sample.py --ckpt {d / 'ckpt.pt'}`") in out, out
+    assert out.count("  (no continuous thoughts: stage 0 feeds none)") == 2
+    assert sample.main(["--ckpt", str(d / "ckpt.pt"), "--split", "valid", "--n", "2", "--show_thoughts"]) == 0
+    out = capsys.readouterr().out
+    assert "note:" not in out and out.count("  thought 2: ") == 2
+
+
+def test_questions_typed_in(run_dir, capsys):
+    # issue 29: --question shows the thoughts and the whole question, and warns in one line when a question has
+    # fewer or more tokens than every validation question of the model's data set
+    valid = json.load(open(run_dir.parent / "data" / "tiny" / "valid.json"))
+    like = valid[0]["question"]
+    first, rest = like.split(". ", 1)
+    long = f"{first}. {rest.rsplit('. ', 1)[0]}. {rest}"  # the question with its facts said twice
+    short = f"{first}. {rest.rsplit('. ', 1)[1]}"  # one fact and the question
+    assert len(long) > 120
+    assert sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--question", like]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and out.count("  thought 1: ") == 1 and out.count("  thought 2: ") == 1
+    assert sample.main(["--ckpt", str(run_dir / "ckpt.pt"), "--question", long, "--question", short]) == 0
+    out = capsys.readouterr().out
+    model, tok, _ = load_checkpoint(str(run_dir / "ckpt.pt"))
+    lengths = [len(tokenize(r, tok).question) for r in valid]
+    n_long, n_short = (len(tokenize(dict(question=q, steps=[], answer=""), tok).question) for q in (long, short))
+    assert n_long > max(lengths) and n_short < min(lengths)
+    warnings = [l for l in out.splitlines() if l.startswith("warning")]
+    assert warnings == [f"warning: question 1 has {n_long} tokens, question 2 has {n_short} tokens, where the tiny "
+                        f"data's validation questions have {min(lengths)}-{max(lengths)}: this model was trained on "
+                        f"questions of that shape, and answers others untested"], out
+    assert f"[1] Q: {long}\n" in out and out.count("  thought 2: ") == 2
 
 
 def test_the_first_look_uses_the_default_run(run_dir, tmp_path):

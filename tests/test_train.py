@@ -296,6 +296,57 @@ def test_bad_options(data_dir, tmp_path, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_stages_past_the_last_are_named_the_last(data_dir, tmp_path, capsys):
+    # issue 29: with max_latent_stage 1, epochs 2 and 3 train stages 1 and 2, alike (every step replaced by one
+    # thought); they print as the last stage with its number of thoughts, while metrics.jsonl and the
+    # checkpoints keep the numbers stage_for_epoch gave (the interface)
+    import sample
+    out = tmp_path / "run"
+    argv = [a if a != "2" or TINY[i - 1] != "--max_latent_stage" else "1" for i, a in enumerate(TINY)]
+    assert train.main(argv + ["--data_dir", str(data_dir), "--out_dir", str(out), "--eval_batch_size", "6"]) == 0
+    printed = capsys.readouterr().out
+    assert [json.loads(l)["stage"] for l in open(out / "metrics.jsonl")] == [0, 1, 2]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["stage"] == 2
+    assert "stage 2" not in printed, [l for l in printed.splitlines() if "stage 2" in l]
+    assert "the last stage, 1 thought | epoch 3/3 | step 1/6" in printed and "epoch 3 (the last stage, 1 thought): " in printed
+    table = printed[printed.rindex("stage  epochs"):].splitlines()
+    assert [row.split()[0] for row in table[1:3]] == ["0", "1"] and table[3].split()[:3] == ["last,", "1", "thought"]
+    assert len(table) == 4 or not table[4].split()[0].isdigit()  # stage 2 is no row of its own
+    assert sample.main(["--ckpt", str(out / "ckpt.pt"), "--split", "valid", "--n", "1"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.endswith("coconut on tiny, epoch 3, the last stage, 1 thought (c_thought 1, max_latent_stage 1)"), first
+
+
+def test_a_typo_is_one_line(capsys, monkeypatch):
+    # issue 29: a mistyped flag or choice gets one line naming the closest flag or the valid choices, in every
+    # script's parser, not 25 lines of usage first; --help stays whole
+    import sample
+    import data.reach.prepare as reach_prepare
+    from machinery import bench
+    cases = [(lambda a: train.parse_args(a), ["--datset", "mine"],
+              "train.py: error: unrecognized argument --datset; did you mean --dataset?"),
+             (lambda a: train.parse_args(a), ["--mode", "cocnut"],
+              "train.py: error: argument --mode: invalid choice 'cocnut'; did you mean coconut? (choose from coconut, cot, "),
+             (lambda a: sample.parse_args(a), ["--thread", "1", "--shwo_thoughts"],
+              "sample.py: error: unrecognized argument --shwo_thoughts; did you mean --show_thoughts?"),
+             (lambda a: sample.parse_args(a), ["--split", "vaild"],
+              "sample.py: error: argument --split: invalid choice 'vaild'; did you mean valid? (choose from train, valid, test)"),
+             (lambda a: reach_prepare.main(a), ["--n_trian", "5"],
+              "data/reach/prepare.py: error: unrecognized argument --n_trian; did you mean --n_train?"),
+             (lambda a: monkeypatch.setattr("sys.argv", ["bench.py"] + a) or bench.main(), ["--demo_stpe"],
+              "machinery/bench.py: error: unrecognized argument --demo_stpe; did you mean --demo_step?")]
+    for parse, argv, line in cases:
+        with pytest.raises(SystemExit) as e:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(line), (argv, err)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: train.py") and "--max_latent_stage" in out
+    assert len(out.splitlines()) > 100
+
+
 def test_missing_and_malformed_data(tmp_path, capsys):
     base = TINY + ["--out_dir", str(tmp_path / "out")]
     assert train.main(base + ["--data_dir", str(tmp_path / "none")]) == 1

@@ -21,13 +21,13 @@ before it can see where the branches lead. Continuous thoughts can hold the whol
     python data/dag/prepare.py                                   # 30,000 / 500 / 500 graphs, depth 3
     python data/dag/prepare.py --depth 4 --width 2 3 --n_train 50000
 """
-import argparse
 import os
 import random
 import string
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from machinery.argparser import Parser  # noqa: E402
 from data.common import distinct_records, make_out_dir, save_json  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
@@ -72,7 +72,7 @@ def make_record(rng, depth=3, width=(2, 3), max_parents=2, symbols=string.ascii_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/dag/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--depth", type=int, default=3, help="hops from the root to the answer (3)")
     p.add_argument("--width", type=int, nargs=2, default=(2, 3), metavar=("MIN", "MAX"),

@@ -13,11 +13,11 @@ next to the .json ones, so a second run downloads nothing.
     python data/gsm8k/prepare.py
     python data/gsm8k/prepare.py --out_dir /tmp/gsm8k
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from machinery.argparser import Parser  # noqa: E402
 from data.common import download, make_out_dir, save_json  # noqa: E402
 
 REPO, COMMIT = "da03/Internalize_CoT_Step_by_Step", "e06a32ee5e4cd117171daeb4755d2a97ece62761"
@@ -70,7 +70,7 @@ def prepare(out_dir, lfs_url=LFS_URL, raw_url=RAW_URL):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/gsm8k/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--lfs_url", default=os.environ.get("GSM8K_LFS_URL", LFS_URL),
                    help="where train.txt is (env GSM8K_LFS_URL)")

@@ -21,12 +21,12 @@ answer, and the steps are that proof, two sentences a step (statement, rule), th
     python data/prontoqa/prepare.py                 # 9,000 / 200 / 800, like the paper's 10,000 examples
     python data/prontoqa/prepare.py --seed 1 --out_dir /tmp/prontoqa
 """
-import argparse
 import os
 import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from machinery.argparser import Parser  # noqa: E402
 from data.common import make_out_dir, save_json  # noqa: E402
 
 HOPS = 5
@@ -96,7 +96,7 @@ def make_example(rng):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/prontoqa/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--n_train", type=int, default=9000)
     p.add_argument("--n_valid", type=int, default=200)
     p.add_argument("--n_test", type=int, default=800)

@@ -19,7 +19,6 @@ reaches, so the answer follows from the facts and nothing else.
     python data/prosqa/prepare.py --generate --seed 1      # 17,886 / 300 / 500 generated records
     python data/prosqa/prepare.py --generate --n_train 2000 --out_dir /tmp/prosqa
 """
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import sys
 from collections import deque
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from machinery.argparser import Parser  # noqa: E402
 from data.common import download, make_out_dir, progress, progress_done, save_json  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/facebookresearch/coconut/main/data"
@@ -252,7 +252,7 @@ def fetch(base_url, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/prosqa/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--base_url", default=os.environ.get("PROSQA_BASE_URL", BASE_URL),
                    help="where prosqa_{train,valid,test}.json are (env PROSQA_BASE_URL)")

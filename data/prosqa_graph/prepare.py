@@ -17,13 +17,13 @@ training-dynamics follow-up (arXiv 2509.23365) removes this way.
     python data/prosqa_graph/prepare.py --generate --seed 1            # 14,785 / 257 / 419 from Algorithm 1
     python data/prosqa_graph/prepare.py --from_dir data/prosqa         # convert a ProsQA set already on disk
 """
-import argparse
 import os
 import random
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+from machinery.argparser import Parser  # noqa: E402
 import data.prosqa.prepare as prosqa  # noqa: E402
 from machinery.records import graph_question  # noqa: E402
 from data.common import download, make_out_dir, save_json  # noqa: E402
@@ -139,7 +139,7 @@ def read_dir(src):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/prosqa_graph/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--base_url", default=os.environ.get("PROSQA_BASE_URL", prosqa.BASE_URL),
                    help="where prosqa_{train,valid,test}.json are (env PROSQA_BASE_URL)")

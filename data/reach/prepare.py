@@ -28,13 +28,13 @@ pass; a chain of thought must pick one of the start's branches before it can see
 written from the first option back up its roads needs no guess; the answer is that option if the chain ends
 at the start, else the other one.
 """
-import argparse
 import os
 import random
 import string
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from machinery.argparser import Parser  # noqa: E402
 from data.common import distinct_records, make_out_dir, save_json  # noqa: E402
 
 SPLITS = ("train", "valid", "test")
@@ -163,7 +163,7 @@ def finish_record(rng, names, children, start, mine, target, neg, hops_per_step,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/reach/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
     p.add_argument("--depth", type=int, default=4, help="hops from the start to the options (4)")
     p.add_argument("--width", type=int, default=8, help="nodes per layer (8)")

@@ -27,12 +27,12 @@ it too, only more slowly, by memorizing which leaves the kinds present in a ques
 demo prints both curves). The records keep ProsQA's graph fields (idx_to_symbol, edges, root,
 target, neg_target), so sample.py --analyze reads the demo model's thoughts as it reads ProsQA's.
 """
-import argparse
 import os
 import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from machinery.argparser import Parser  # noqa: E402
 from data.common import make_out_dir, save_json  # noqa: E402
 
 PERSONS = ["Alex", "Bob", "Eva", "Max", "Sam", "Tom", "Amy", "Rex"]
@@ -94,7 +94,7 @@ def make_record(rng, world, kinds, hard=0.8, persons=PERSONS):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
+    p = Parser(prog="data/tiny/prepare.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--n_train", type=int, default=16000)
     p.add_argument("--n_valid", type=int, default=300)
     p.add_argument("--n_test", type=int, default=300)
