@@ -77,29 +77,27 @@ class Coconut(nn.Module):
             return _spread(hidden, read), dict(thoughts=embeds[:, :0], n_thoughts=n_thoughts, past=past)
         self._check_aligned(is_latent, n_thoughts, first)
 
-        # The passes' inputs cut from embeds at once: in the backward their gradients meet in one cat, where
-        # a slice per pass would add a zero-filled (B, L, C) gradient each (the same numbers, more work).
+        # The passes' inputs, cut from embeds in one split (B, first, C), n_max x (B, 1, C), (B, the rest, C): its
+        # backward is one cat, where a slice per pass would add a zero-filled (B, L, C) gradient each.
         question, *columns, rest = embeds.split([first] + [1] * n_max + [L - first - n_max], dim=1)
         hiddens, thoughts, past = [], [], None
-        start, end = 0, first  # pass 0 runs up to the first thought
-        x = question
+        start, end, x = 0, first, question  # pass 0 runs up to the first thought
         for i in range(n_max):
             _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
                                           attention_mask=attention_mask[:, :end], past_kv=past, with_logits=False,
                                           out_cols=_cols(read, start, end))
+            hiddens.append(hidden)
             if i == 0 and torch.is_grad_enabled():
                 # Training: keep the cache as chunks that each pass extends, so that the backward pass
                 # does not hold a fresh copy of the whole cache for every thought (gpt.chunked_attention).
                 past = self.gpt.chunk_cache(past)
             # The feedback: the last hidden state becomes the input at column `end`, in the rows whose
             # i-th thought sits there; rows with fewer thoughts keep their token there.
-            *before, thought = hidden.split([hidden.size(1) - 1, 1], dim=1) if hidden.size(1) > 1 else [hidden]
-            hiddens += before + [thought]  # (B, 1, C) the thought
+            thought = hidden[:, -1:]  # (B, 1, C)
             thoughts.append(thought)
             start, end = end, (end + 1 if i + 1 < n_max else L)  # one column per thought, then the rest
             x = torch.where(is_latent[:, start, None, None], thought, columns[i])  # (B, 1, C)
-            if i + 1 == n_max:
-                x = torch.cat([x, rest], dim=1)
+        x = torch.cat([x, rest], dim=1)  # the last pass: thought n_max's column, then the rest
         _, _, hidden, past = self.gpt(inputs_embeds=x, position_ids=position_ids[:, start:end],
                                       attention_mask=attention_mask, past_kv=past, with_logits=False,
                                       out_cols=_cols(read, start, end))
