@@ -432,6 +432,42 @@ def bench_fsdp_memory(args):
               f"(DDP: {gib(16 * (Pb + Pr))} of fp32 state alone)", flush=True)
 
 
+def estimate_child(args):
+    """
+    One Coconut training step (forward + backward, fp32) of a GPT of --sizes' first shape on --estimate_child's
+    ROWS:QUESTION:THOUGHTS:ANSWER batch (coconut_batch), in a fresh process: prints {"peak": the peak resident
+    memory the step adds, in bytes, "estimate": machinery/memory.py's activations and gradients for it}.
+    """
+    import resource
+    from machinery import memory
+    rows, question, thoughts, answer = map(int, args.estimate_child.split(":"))
+    torch.manual_seed(0)
+    config = GPTConfig(**SIZES[args.sizes[0]], vocab_size=50260, block_size=1024, dropout=args.dropout)
+    model = Coconut(GPT(config), 50259, 50258, 50257, 0)
+    ids, mask, labels, pos = coconut_batch(rows, question, thoughts, answer, 50260, 0, "cpu")
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    loss, _ = model(ids, mask, labels, pos)
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    grads = 4 * sum(p.numel() for p in model.parameters())
+    estimate = memory.activation_bytes(config, rows, ids.size(1), answer + 1, thoughts + 2 + answer) + grads
+    print(json.dumps(dict(peak=peak, estimate=estimate, columns=ids.size(1))))
+
+
+def bench_memory_estimate(args):
+    """--memory_estimate: machinery/memory.py's estimate of a step against its measured peak, each batch in a
+    fresh process (the estimate is meant to be above, never below)."""
+    for size in args.sizes:
+        for spec in args.memory_estimate:
+            cmd = [sys.executable, os.path.abspath(__file__), "--estimate_child", spec, "--sizes", size,
+                   "--threads", str(args.threads), "--dropout", str(args.dropout)]
+            d = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+            rows, question, thoughts, answer = spec.split(":")
+            print(f"[{size}] {rows} x {d['columns']} columns ({thoughts} thoughts, {answer} answer tokens): measured "
+                  f"{d['peak'] / 2**30:.3f} GiB, estimated {d['estimate'] / 2**30:.3f} GiB -> estimate/measured = "
+                  f"{d['estimate'] / d['peak']:.2f} (dropout {args.dropout:g}; torch {torch.__version__}, fp32, CPU)", flush=True)
+
+
 def bench_demo_step(args):
     """(e): the demo's step, the last block where read and everywhere, against the machine's matmul rate."""
     cfg = DATASET_DEFAULTS["reach"]
@@ -903,6 +939,11 @@ def main():
                         "after (today's); no value: both")
     p.add_argument("--memory_batch", type=int, default=8, help="records in that step (the paper's micro-batch: 32)")
     p.add_argument("--memory_child", default=None, choices=("before", "after"), help=argparse.SUPPRESS)
+    p.add_argument("--memory_estimate", nargs="+", default=None, metavar="ROWS:QUESTION:THOUGHTS:ANSWER",
+                   help="machinery/memory.py's step estimate against the measured peak, per --sizes, on batches of "
+                        "random tokens in Coconut's layout")
+    p.add_argument("--dropout", type=float, default=0.0, help="--memory_estimate's model dropout (GPT-2's: 0.1)")
+    p.add_argument("--estimate_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--demo_step", action="store_true", help="(e) the CPU demo's step, the last block where read "
                                                              "and everywhere, against the matmul rate")
     f = p.add_argument_group("(d) --fsdp N: train.py --fsdp, fully_shard's default and DDP over N processes")
@@ -935,6 +976,10 @@ def main():
         return bench_superposition(args)
     if args.fsdp_child:
         return fsdp_child(args)
+    if args.estimate_child:
+        return estimate_child(args)
+    if args.memory_estimate:
+        return bench_memory_estimate(args)
     if args.layer_memory_child:
         return layer_memory_child(args)
     if args.fsdp_memory:

@@ -83,6 +83,21 @@ def check_args(args):
         raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the {world()} processes")
 
 
+def barrier():
+    """Every process waits here for the others (nothing without torchrun)."""
+    if world() > 1:
+        dist.barrier()
+
+
+def any_rank(flag):
+    """Is flag true in any process? (A collective: every process calls it; all get the same answer.)"""
+    if world() == 1:
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
 def gather(obj):
     """Every process's obj, in rank order (a list of one without torchrun)."""
     if world() == 1:

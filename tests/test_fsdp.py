@@ -16,10 +16,11 @@ import torch
 from machinery import parallel
 import sample
 import train
+from conftest import CPU_ONLY
 from machinery.checkpoint import load_checkpoint, one_file
 from coconut import Coconut
 from gpt import GPT, GPTConfig
-from machinery.interrupt import SIGNAL_HOOK
+from machinery.interrupt import SAVE_DELAY_HOOK, SIGNAL_HOOK
 from test_train import TINY, assert_same_weights, data_dir, weights  # noqa: F401 (data_dir: the fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +30,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = TINY + ["--n_embd", "64", "--epochs", "3", "--uniform_prob", "0.5", "--save_every", "4"]
 
 
-def torchrun(argv, env=None, timeout=120):
-    """train.py under torchrun with 2 CPU processes (gloo, one thread each)."""
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TRAIN_BACKEND="gloo", **(env or {}))
+def torchrun(argv, env=None, timeout=120, **popen):
+    """train.py under torchrun with 2 CPU processes (gloo, one thread each, no GPU visible, --device cpu)."""
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **CPU_ONLY, **(env or {}))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *argv], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+                           *argv, "--device", "cpu"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout,
+                          **popen)
 
 
 def why(r):
@@ -207,3 +209,46 @@ def test_fsdp_bad_input(data_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match=r"--fsdp: the GPT has no transformer blocks .* run it with DDP") as e:
         parallel.shard(Coconut(gpt, 5, 6, 7, 0), torch.device("cpu"))
     assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# Stops under torchrun: every process agrees on the step, waits for rank 0's save, and the command resumes
+
+STOPPED = re.compile(r"train.py: stopped at step (\d+); saved (\S+): continue with `([^`]+)`")
+
+
+def stop_and_resume(common, out, hook, reference, **popen):
+    """A 2-process run stopped by `hook` (TRAIN_TEST_SIGNALS) mid-epoch with a slow save (3 s in rank 0), then the
+    command it printed: the saved step is the one it names, and the end is the reference run's, bit for bit."""
+    r = torchrun(["train.py", *common, "--out_dir", out], env={SIGNAL_HOOK: hook, SAVE_DELAY_HOOK: "3"}, **popen)
+    stopped = STOPPED.search(r.stdout)
+    assert stopped, why(r)
+    step = int(stopped.group(1))
+    assert 3 <= step <= 5, r.stdout  # the step after the signal (or the next: torchrun passes it on a little later)
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == step  # that step, not an older one
+    assert "interrupted at once" not in r.stdout + r.stderr
+    argv = shlex.split(stopped.group(3))
+    assert argv[:4] == ["torchrun", "--nproc_per_node", "2", "train.py"]
+    r = torchrun(argv[argv.index("train.py"):])
+    assert r.returncode == 0, why(r)
+    assert f"step {step}" in r.stdout.split("resuming", 1)[1].splitlines()[0]
+    for name in ("ckpt.pt", "best.pt"):
+        assert_same_weights(saved_weights(os.path.join(reference, name)), saved_weights(os.path.join(out, name)))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("way", ["fsdp", "ddp"])
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resumes(data_dir, tmp_path, way):
+    # one epoch of 6 steps; rank 0 sends SIGTERM to torchrun after step 2, torchrun passes it to both processes
+    common = RUN + ["--data_dir", str(data_dir), "--epochs", "1"] + (["--fsdp", "sharded"] if way == "fsdp" else [])
+    reference = str(tmp_path / "reference")
+    r = torchrun(["train.py", *common, "--out_dir", reference])
+    assert r.returncode == 0, why(r)
+    stop_and_resume(common, str(tmp_path / "parent"), "2:TERM@parent", reference)
+    if way == "fsdp":
+        # SIGTERM to each process alone (a scheduler's): before the barrier, rank 1 left while rank 0 still wrote,
+        # torchrun took its exit for a failure and signalled rank 0, whose second signal cut the save short
+        stop_and_resume(common, str(tmp_path / "each"), "2:TERM", reference)
+    else:
+        # a terminal's Ctrl-C: SIGINT to every process and to torchrun, which passes it on (two signals at once)
+        stop_and_resume(common, str(tmp_path / "group"), "2:INT@group", reference, start_new_session=True)
