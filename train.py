@@ -287,7 +287,8 @@ def make_model(args, ckpt, train_records, device):
         args.dropout = gpt.config.dropout  # recorded resolved: 0.1 from released weights, 0 from scratch
     else:
         path = os.path.join(args.out_dir, "ckpt.pt")
-        gpt, tok = gpt_from_checkpoint(ckpt, path), tokenizer_from_checkpoint(ckpt, path)
+        # a sharded checkpoint's weights: read once, each process its slices, by resume.start_state
+        gpt, tok = gpt_from_checkpoint(ckpt, path, weights=not ckpt.get("shards")), tokenizer_from_checkpoint(ckpt, path)
     model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id, feedback=args.mode in FEEDBACK_MODES)
     if args.compile:
         for block in gpt.transformer.h:

@@ -49,6 +49,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -466,6 +468,76 @@ def bench_memory_estimate(args):
             print(f"[{size}] {rows} x {d['columns']} columns ({thoughts} thoughts, {answer} answer tokens): measured "
                   f"{d['peak'] / 2**30:.3f} GiB, estimated {d['estimate'] / 2**30:.3f} GiB -> estimate/measured = "
                   f"{d['estimate'] / d['peak']:.2f} (dropout {args.dropout:g}; torch {torch.__version__}, fp32, CPU)", flush=True)
+
+
+# (f) --resume_memory: what a resume holds in CPU memory, per process, up to the loop's first step
+RSS_CHILD = """
+import json, os, resource, sys
+sys.path.insert(0, os.environ["BENCH_TRAIN_ROOT"])
+import train
+class Loaded(Exception):
+    pass
+def loaded(*a, **k):  # train() plans the epoch's steps once the checkpoint is applied and let go
+    import gc
+    gc.collect()
+    held = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("RSS " + json.dumps(dict(rank=int(os.environ.get("RANK", 0)), peak=peak, held=held)), flush=True)
+    raise Loaded
+train.plan_steps = loaded
+try:
+    train.main(sys.argv[1:])
+except Loaded:
+    pass
+"""
+
+
+def bench_resume_memory(args):
+    """
+    --resume_memory: a checkpoint of a GPT of --sizes' first shape from scratch on generated tiny records (one
+    process, whole; two --fsdp sharded processes, sharded), then its resume in a fresh process or two, stopped
+    once the checkpoint is applied: the peak resident memory of each process and what it still holds then. Run
+    with --train_root at another checkout (the same train.py flags) to measure its code on the same files.
+    """
+    root = os.path.abspath(args.train_root or ROOT)
+    work = tempfile.mkdtemp(prefix="resume_memory-")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1), TRAIN_BACKEND="gloo", CUDA_VISIBLE_DEVICES="",
+               BENCH_TRAIN_ROOT=root, PYTHONPATH=root)
+    child = os.path.join(work, "rss_child.py")
+    with open(child, "w") as f:
+        f.write(RSS_CHILD)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "tiny", "prepare.py"), "--out_dir",
+                    os.path.join(work, "tiny"), "--n_train", "8", "--n_valid", "2", "--n_test", "2"], check=True,
+                   capture_output=True)
+    shape = SIZES[args.sizes[0]]
+    flags = ["--dataset", "tiny", "--data_dir", work, "--init_from", "scratch", "--n_layer", str(shape["n_layer"]),
+             "--n_head", str(shape["n_head"]), "--n_embd", str(shape["n_embd"]), "--block_size", "128",
+             "--batch_size", "1", "--grad_accum", "2", "--epochs", "1", "--save_every", "1", "--device", "cpu",
+             "--threads", "1"]
+    whole, sharded = os.path.join(work, "whole"), os.path.join(work, "sharded")
+    kill = dict(env, TRAIN_TEST_SIGNALS="1:KILL", BENCH_TRAIN_ROOT=ROOT, PYTHONPATH=ROOT)  # saved at step 1
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out_dir", whole], env=kill,
+                   capture_output=True)
+    subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *flags, "--out_dir", sharded, "--fsdp", "sharded"],
+                   env=kill, capture_output=True)
+    size = lambda d: sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs if
+                         f.endswith((".pt", ".distcp")) and "best" not in f)
+    print(f"[{args.sizes[0]}] resume memory of {root} (torch {torch.__version__}): a checkpoint of "
+          f"{size(whole) / 2**30:.2f} GiB (whole), {size(sharded) / 2**30:.2f} GiB (sharded)", flush=True)
+    for what, cmd in (("1 process, whole checkpoint", [sys.executable, child]),
+                      ("2 processes --fsdp, whole checkpoint", [*torchrun, child, "--fsdp"]),
+                      ("2 processes --fsdp sharded, sharded checkpoint", [*torchrun, child])):
+        out = whole if "whole" in what else sharded
+        r = subprocess.run([*cmd, "--out_dir", out, "--resume", "--device", "cpu"], cwd=root, env=env,
+                           capture_output=True, text=True)
+        rows = sorted(map(json.loads, re.findall(r"RSS (\{[^}]*\})", r.stdout)), key=lambda d: d["rank"])
+        if not rows:
+            sys.exit(f"bench.py --resume_memory: {what} failed:\n{r.stderr[-3000:]}")
+        print(f"[{args.sizes[0]}] {what}: peak " + ", ".join(f"{d['peak'] / 2**30:.2f}" for d in rows) +
+              " GiB per process; held once loaded " + ", ".join(f"{d['held'] / 2**30:.2f}" for d in rows) + " GiB",
+              flush=True)
+    shutil.rmtree(work)
 
 
 def bench_demo_step(args):
@@ -942,6 +1014,9 @@ def main():
     p.add_argument("--memory_estimate", nargs="+", default=None, metavar="ROWS:QUESTION:THOUGHTS:ANSWER",
                    help="machinery/memory.py's step estimate against the measured peak, per --sizes, on batches of "
                         "random tokens in Coconut's layout")
+    p.add_argument("--resume_memory", action="store_true",
+                   help="(f) the peak CPU memory per process of a resume, whole and sharded, for --sizes' first shape")
+    p.add_argument("--train_root", default=None, help="--resume_memory: the checkout whose train.py resumes (this one)")
     p.add_argument("--dropout", type=float, default=0.0, help="--memory_estimate's model dropout (GPT-2's: 0.1)")
     p.add_argument("--estimate_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--demo_step", action="store_true", help="(e) the CPU demo's step, the last block where read "
@@ -978,6 +1053,8 @@ def main():
         return fsdp_child(args)
     if args.estimate_child:
         return estimate_child(args)
+    if args.resume_memory:
+        return bench_resume_memory(args)
     if args.memory_estimate:
         return bench_memory_estimate(args)
     if args.layer_memory_child:

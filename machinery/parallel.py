@@ -47,7 +47,23 @@ def setup():
         return 0, 0, 1
     cuda = torch.cuda.is_available() and os.environ.get("TRAIN_BACKEND") != "gloo"
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    if os.environ.get(COUNT_HOOK):
+        count_collectives()
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size()
+
+
+COUNT_HOOK = "TRAIN_TEST_COLLECTIVES"  # tests: every process prints the collectives of each `gathered` block
+COUNTS = {}
+
+
+def count_collectives():
+    """Counts the collectives that FSDP2 calls (torch.distributed.all_gather_single and reduce_scatter_single in
+    torch 2.13), for `gathered` to print: the tests check how many reduce-scatters a step makes."""
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        def counted(*a, _name=name, _fn=getattr(dist, name), **k):
+            COUNTS[_name] = COUNTS.get(_name, 0) + 1
+            return _fn(*a, **k)
+        setattr(dist, name, counted)
 
 
 def teardown():
@@ -172,6 +188,7 @@ def gathered(model):
         return
     from torch.distributed.fsdp import FSDPModule
     groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    COUNTS.clear()
     for m in groups:
         m.unshard()
     try:
@@ -179,6 +196,9 @@ def gathered(model):
     finally:
         for m in groups:
             m.reshard()
+    if os.environ.get(COUNT_HOOK):
+        print(f"collectives (rank {rank()}): {COUNTS.get('all_gather_single', 0)} all-gathers, "
+              f"{COUNTS.get('reduce_scatter_single', 0)} reduce-scatters", flush=True)
 
 
 def no_sync(step_model, last):
@@ -262,8 +282,11 @@ def load_sharded(model, optimizer, folder):
 
 def load_optimizer(optimizer, state):
     """AdamW's whole state (whole_state's, or one process's optimizer.state_dict()) into an optimizer over
-    sharded or whole parameters: under FSDP each process keeps its slice of each moment."""
+    sharded or whole parameters: under FSDP each process keeps its slice of each moment. The tensors are copied:
+    a memory-mapped checkpoint's file is not kept open by the moments (and its disk space with it)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = dict(state, state={i: {k: v.clone() if torch.is_tensor(v) and not hasattr(params[i], "device_mesh") else v
+                                   for k, v in s.items()} for i, s in state["state"].items()})
     if any(hasattr(p, "device_mesh") for p in params):
         from torch.distributed.tensor import distribute_tensor
         state = dict(state, state={i: {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh,

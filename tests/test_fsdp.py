@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from machinery import parallel
+from machinery.parallel import COUNT_HOOK
 import sample
 import train
 from conftest import CPU_ONLY
@@ -70,6 +71,15 @@ def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def collectives(out):
+    """Each process's (all-gathers, reduce-scatters) per `gathered` block, in order (TRAIN_TEST_COLLECTIVES)."""
+    counts = {}
+    for rank, gathers, scatters in re.findall(r"collectives \(rank (\d)\): (\d+) all-gathers, (\d+) reduce-scatters",
+                                              out):
+        counts.setdefault(int(rank), []).append((int(gathers), int(scatters)))
+    return counts
+
+
 def mib(text):
     return float(text.split()[0]) * (1024 if text.endswith("GiB") else 1)
 
@@ -81,9 +91,14 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
     one, a, b = str(tmp_path / "one"), str(tmp_path / "a"), str(tmp_path / "b")
     assert train.main(common + ["--out_dir", one]) == 0
     losses_one = step_losses(capsys.readouterr().out)
-    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp", "sharded"])
+    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp", "sharded"], env={COUNT_HOOK: "1"})
     assert r.returncode == 0, why(r)
     assert "2 process(es) sharded (FSDP) on cpu" in r.stdout
+    # the processes' micro-batches hold different numbers of thoughts (passes), yet every step makes the same
+    # collectives: 2 all-gathers (the block, the root) and 2 reduce-scatters (one per group and micro-batch), not
+    # one per pass; validation gathers once and reduces nothing (parallel.py's docstring says why)
+    epoch = [(2, 2)] * 6 + [(2, 0)]
+    assert collectives(r.stdout) == {0: epoch * 3, 1: epoch * 3}
 
     # the same loss at every step (printed to 4 decimals) and at every epoch, the same weights within float error
     assert len(losses_one) == 18 and step_losses(r.stdout) == losses_one
@@ -188,6 +203,39 @@ def test_fsdp_on_a_small_llama_matches_one_process_and_resumes(data_dir, tmp_pat
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     best = max(metrics(two), key=lambda m: m["val_acc"])  # the first epoch of the best accuracy
     assert row[3] == f"{best['val_correct']}/{best['val_total']}"
+
+
+@pytest.mark.multiprocess
+def test_four_micro_batches_on_two_processes_match_one(data_dir, tmp_path, capsys, request):
+    # --grad_accum 4 of 1 sequence: each process accumulates 2 micro-batches (of different numbers of thoughts)
+    # per step, under FSDP and DDP; one process accumulates all 4
+    common = RUN + ["--data_dir", str(data_dir), "--epochs", "1", "--batch_size", "1", "--grad_accum", "4"]
+    one, fsdp, ddp = str(tmp_path / "one"), str(tmp_path / "fsdp"), str(tmp_path / "ddp")
+    assert train.main(common + ["--out_dir", one]) == 0
+    losses_one = step_losses(capsys.readouterr().out)
+    r = torchrun(["train.py", *common, "--out_dir", fsdp, "--fsdp"], env={COUNT_HOOK: "1"})
+    assert r.returncode == 0, why(r)
+    assert len(losses_one) == 6 and step_losses(r.stdout) == losses_one
+    # per step: the 2 groups gathered once, and reduce-scattered once per group and micro-batch: 2 x 2
+    assert collectives(r.stdout) == {0: [(2, 4)] * 6 + [(2, 0)], 1: [(2, 4)] * 6 + [(2, 0)]}
+    r = torchrun(["train.py", *common, "--out_dir", ddp])
+    assert r.returncode == 0, why(r)
+    assert step_losses(r.stdout) == losses_one
+    # the same weights within float reordering (two processes sum (g1 + g3) + (g2 + g4), one ((g1 + g2) + g3) + g4),
+    # but for the attention's key bias: its gradient is zero but for rounding (a constant added to every key's score
+    # leaves the softmax as it was), and AdamW divides rounding by its own size, so that bias moves by up to lr a
+    # step, differently in every order of summation
+    key_bias = lambda w: w["transformer.h.0.attn.c_attn.bias"][64:128]  # n_embd 64: q, k, v
+    w = saved_weights(os.path.join(one, "ckpt.pt"))
+    diffs = {}
+    for name, d in (("FSDP", fsdp), ("DDP", ddp)):
+        w2 = saved_weights(os.path.join(d, "ckpt.pt"))
+        assert (key_bias(w) - key_bias(w2)).abs().max() < 6 * 2 * 1e-2  # 6 steps, lr 1e-2
+        key_bias(w2).copy_(key_bias(w))
+        diffs[name] = max_difference(w, w2)
+    show(request, capsys, f"\n--grad_accum 4 on 2 processes vs one, max |weight difference| but the key bias: FSDP "
+                          f"{diffs['FSDP']:.1e}, DDP {diffs['DDP']:.1e}")
+    assert max(diffs.values()) < 1e-5
 
 
 # -----------------------------------------------------------------------------
