@@ -472,17 +472,25 @@ def bench_memory_estimate(args):
 
 # (f) --resume_memory: what a resume holds in CPU memory, per process, up to the loop's first step
 RSS_CHILD = """
-import json, os, resource, sys
+import json, os, resource, sys, threading, time
 sys.path.insert(0, os.environ["BENCH_TRAIN_ROOT"])
+def anon():  # resident memory of the process's own (not of files it maps: the kernel may drop those)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+PEAK = [0]
+def sample():
+    while True:
+        PEAK[0] = max(PEAK[0], anon())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
 import train
 class Loaded(Exception):
     pass
 def loaded(*a, **k):  # train() plans the epoch's steps once the checkpoint is applied and let go
     import gc
     gc.collect()
-    held = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RSS " + json.dumps(dict(rank=int(os.environ.get("RANK", 0)), peak=peak, held=held)), flush=True)
+    peak = max(PEAK[0], anon())
+    print("RSS " + json.dumps(dict(rank=int(os.environ.get("RANK", 0)), peak=peak, held=anon(),
+                                   hwm=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
     raise Loaded
 train.plan_steps = loaded
 try:
@@ -496,7 +504,8 @@ def bench_resume_memory(args):
     """
     --resume_memory: a checkpoint of a GPT of --sizes' first shape from scratch on generated tiny records (one
     process, whole; two --fsdp sharded processes, sharded), then its resume in a fresh process or two, stopped
-    once the checkpoint is applied: the peak resident memory of each process and what it still holds then. Run
+    once the checkpoint is applied: each process's peak of its own (anonymous) memory, what it holds then, and its
+    peak resident set with the pages of mapped files (a memory-mapped checkpoint's, which the kernel may drop). Run
     with --train_root at another checkout (the same train.py flags) to measure its code on the same files.
     """
     root = os.path.abspath(args.train_root or ROOT)
@@ -534,8 +543,9 @@ def bench_resume_memory(args):
         rows = sorted(map(json.loads, re.findall(r"RSS (\{[^}]*\})", r.stdout)), key=lambda d: d["rank"])
         if not rows:
             sys.exit(f"bench.py --resume_memory: {what} failed:\n{r.stderr[-3000:]}")
-        print(f"[{args.sizes[0]}] {what}: peak " + ", ".join(f"{d['peak'] / 2**30:.2f}" for d in rows) +
-              " GiB per process; held once loaded " + ", ".join(f"{d['held'] / 2**30:.2f}" for d in rows) + " GiB",
+        gib = lambda key: ", ".join(f"{d[key] / 2**30:.2f}" for d in rows)
+        print(f"[{args.sizes[0]}] {what}: peak {gib('peak')} GiB per process of its own memory (anonymous, sampled "
+              f"every 2 ms), {gib('held')} GiB held once loaded; peak resident with mapped files {gib('hwm')} GiB",
               flush=True)
     shutil.rmtree(work)
 
