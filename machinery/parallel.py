@@ -16,8 +16,15 @@ blocks. Worse, the count follows the number of thoughts, and processes whose mic
 numbers of thoughts would wait on each other's collectives forever. Here every group is gathered once per
 optimizer step instead (`gathered`): L + 1 all-gathers, whatever n and the number of micro-batches, and
 generation, whose processes run different numbers of passes, runs on weights gathered once for the whole
-validation, with no collective at all. Gradients are still reduce-scattered once per group and micro-batch:
-autograd sums a block's n + 1 contributions before FSDP's hook sees the gradient. The cost in memory: the
+validation, with no collective at all. Gradients are still reduce-scattered once per group and micro-batch,
+not once per pass, and why rests on how autograd and FSDP2 (torch 2.13) work, not on a documented contract:
+a block's weights are leaves of the graph, used in n + 1 passes, and autograd accumulates their n + 1 gradient
+contributions in one buffer and writes .grad once, after the last of them (pass 0's, the last in the backward).
+FSDP2's post-backward hook fires once per call of the block (n + 1 times), but reduce-scatters only the weights
+whose .grad is set, and clears it: the hooks that run before autograd writes .grad find nothing to reduce, the
+first one after it finds the whole sum, the ones after that nothing again. tests/test_fsdp.py counts the collectives per step (TRAIN_TEST_COLLECTIVES), with
+processes whose micro-batches hold different numbers of thoughts: L + 1 all-gathers and (L + 1) x micro-batches
+reduce-scatters, so a torch that changed this would fail there first. The cost in memory: the
 model's whole weights are held during the step, as DDP holds them all the time (on a GPU with --dtype
 bfloat16 the blocks' in bf16, 2 bytes per parameter), beside each process's 1/N of the fp32 weights,
 gradients and AdamW moments (16 bytes per parameter in all). The whole gradients exist during Coconut's

@@ -562,3 +562,58 @@ def test_the_resume_promise_waits_for_the_first_save(data_dir, tmp_path, capsys)
     assert lines[promise[0]] == (f"saved {out}/ckpt.pt (step 4): from now on a run stopped in any way, even killed, "
                                  f"continues with `python train.py --out_dir {out} --resume`")
     assert any("until the first save, a run killed starts again" in l for l in lines[:step4])
+
+
+@pytest.mark.gpt2_bpe
+def test_the_cards_first_command_fits_24_gb(tmp_path, monkeypatch):
+    # `python train.py --dataset prosqa --stage_epochs 5` on a 24 GB machine: the default micro-batch of 32 was
+    # killed there (23.7 GB resident in its first step); the estimate says so, and picks one that fits, 128 a step
+    from machinery import memory
+    from coconut import Coconut
+    from gpt import GPT, GPTConfig
+    from machinery.tokenizer import gpt2_tokenizer
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prosqa", "prepare.py"), "--generate", "--out_dir",
+                        str(tmp_path / "prosqa"), "--n_train", "200", "--n_valid", "0", "--n_test", "0"],
+                       capture_output=True, text=True, env=dict(os.environ, **CPU_ONLY))
+    assert r.returncode == 0, r.stderr
+    args = train.parse_args(["--dataset", "prosqa", "--stage_epochs", "5"])
+    assert (args.batch_size, args.grad_accum) == (32, 4)
+    tok = gpt2_tokenizer()
+    tokenized = [tokenize(x, tok) for x in load_split(str(tmp_path), "prosqa", "train")]
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50260, block_size=1024, dropout=0.1))
+    model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id)  # GPT-2 124M's shape, as from gpt2
+    need = lambda m: memory.step_bytes(model, args, m, *memory.longest_sequence(tokenized, args, 1024),
+                                       torch.device("cpu"))
+    monkeypatch.setenv(memory.LIMIT_ENV, "24")
+    line = memory.fit_micro_batch(args, model, tokenized, torch.device("cpu"))
+    assert need(32) > 24 * 2**30  # what the kernel's OOM killer said
+    m = args.batch_size
+    assert line.startswith(f"micro-batch {m} x {128 // m} accumulation steps = 128: fits 24 GB") and m < 32, line
+    assert args.grad_accum == 128 // m and need(m) <= memory.HEADROOM * 24 * 2**30 < need(2 * m)
+
+
+def test_every_process_a_test_starts_is_pinned_to_the_cpu():
+    # how the suite was made to pass on 1- and 8-GPU machines without one here: every process a test starts
+    # (subprocess.run / Popen) gets conftest.CPU_ONLY in its environment (no CUDA device visible, gloo), in the
+    # call or in the helper that makes the call; only the data generators and an import check, which never
+    # touch torch's devices, go without
+    import ast
+    exempt = {"prepare.py", "sys.modules['matplotlib']"}  # data/*/prepare.py; test_plots' import check
+    tests = os.path.join(ROOT, "tests")
+    unpinned = []
+    for name in sorted(os.listdir(tests)):
+        if not name.startswith("test_") or not name.endswith(".py"):
+            continue
+        source = open(os.path.join(tests, name)).read()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            body = ast.get_source_segment(source, fn)
+            for call in ast.walk(fn):
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                        and call.func.attr in ("run", "Popen") and getattr(call.func.value, "id", "") == "subprocess"):
+                    text = ast.get_source_segment(source, call)
+                    if "CPU_ONLY" not in body and not any(e in body for e in exempt):
+                        unpinned.append(f"{name}:{call.lineno} {text.splitlines()[0]}")
+    assert not unpinned, unpinned
