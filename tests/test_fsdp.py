@@ -85,7 +85,7 @@ def mib(text):
 
 
 @pytest.mark.multiprocess
-def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys, request):
+def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys, request, monkeypatch):
     # --fsdp sharded: every checkpoint is written by both processes, each its slices (the Llama test: whole files)
     common = RUN + ["--data_dir", str(data_dir)]
     one, a, b = str(tmp_path / "one"), str(tmp_path / "a"), str(tmp_path / "b")
@@ -156,8 +156,13 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "which is missing or incomplete" in err, err
 
-    # one process continues it too: a fourth epoch from the sharded run's checkpoint, then whole files
+    # one process continues it too: a fourth epoch from the sharded run's checkpoint, then whole files; the resume
+    # reads the shards once (make_model builds the model without them, start_state loads them)
+    import torch.distributed.checkpoint as dcp
+    reads = []
+    monkeypatch.setattr(dcp, "load", lambda *a, _load=dcp.load, **k: reads.append(k["checkpoint_id"]) or _load(*a, **k))
     assert train.main(["--out_dir", a, "--resume", "--epochs", "4"]) == 0
+    assert reads == [os.path.join(a, "shards-18-epoch")]
     assert "holds the random states of 2 processes, not 1" in capsys.readouterr().out
     assert [x["epoch"] for x in metrics(a)] == [1, 2, 3, 4]
     assert weights(os.path.join(a, "ckpt.pt")) and not [d for d in os.listdir(a) if d.startswith("shards-")
