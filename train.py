@@ -60,8 +60,9 @@ def train(args):
     saved, ckpt = (ckpt["step"] if ckpt else None), None  # the last good checkpoint's step; the file's dict let go
     train_tok = [tokenize(r, tok) for r in train_records]
     val_tok = [tokenize(r, tok) for r in val_records]
-    for line in filter(None, [memory.fit_micro_batch(args, model, train_tok, device)]):  # the same sequences per step
-        log(line)
+    fit = memory.fit_micro_batch(args, model, train_tok, device)  # the largest micro-batch that fits, the same steps
+    if fit:
+        log(fit)
     if args.max_new_tokens is None:  # a user's data set: what its longest target needs, and some room
         args.max_new_tokens = min(longest_target(train_tok + val_tok) * 5 // 4 + 4, model.gpt.config.block_size)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -288,7 +289,8 @@ def make_model(args, ckpt, train_records, device):
     else:
         path = os.path.join(args.out_dir, "ckpt.pt")
         # a sharded checkpoint's weights: read once, each process its slices, by resume.start_state
-        gpt, tok = gpt_from_checkpoint(ckpt, path, weights=not ckpt.get("shards")), tokenizer_from_checkpoint(ckpt, path)
+        gpt = gpt_from_checkpoint(ckpt, path, weights=not ckpt.get("shards"))
+        tok = tokenizer_from_checkpoint(ckpt, path)
     model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id, feedback=args.mode in FEEDBACK_MODES)
     if args.compile:
         for block in gpt.transformer.h:

@@ -467,7 +467,8 @@ def bench_memory_estimate(args):
             rows, question, thoughts, answer = spec.split(":")
             print(f"[{size}] {rows} x {d['columns']} columns ({thoughts} thoughts, {answer} answer tokens): measured "
                   f"{d['peak'] / 2**30:.3f} GiB, estimated {d['estimate'] / 2**30:.3f} GiB -> estimate/measured = "
-                  f"{d['estimate'] / d['peak']:.2f} (dropout {args.dropout:g}; torch {torch.__version__}, fp32, CPU)", flush=True)
+                  f"{d['estimate'] / d['peak']:.2f} (dropout {args.dropout:g}; torch {torch.__version__}, fp32, CPU)",
+                  flush=True)
 
 
 # (f) --resume_memory: what a resume holds in CPU memory, per process, up to the loop's first step

@@ -7,9 +7,9 @@ the activations of one micro-batch: per sequence, per block and per column about
 width (the saved inputs of the norms, qkv, attention, the MLP's 4x), the attention's scores where Coconut's
 chunked cache materialises them (heads x columns after the first thought x columns, ATT_COPIES copies: scores,
 mask, softmax, their gradients; and with dropout on a CPU every column's, DROPOUT_ATT_COPIES), lm_head's logits
-where a label is (LOGIT_COPIES copies of the vocabulary per scored column), and FIXED_BYTES. The constants are fitted to the peaks that `python
-machinery/bench.py --memory_estimate` measures on the CPU (docs/performance.md), rounded up: the estimate is meant
-to be above the measurement, never below. Under bf16 autocast the same figure is kept (an upper one).
+where a label is (LOGIT_COPIES copies of the vocabulary per scored column), and FIXED_BYTES. The constants are
+fitted to the peaks that `python machinery/bench.py --memory_estimate` measures on the CPU (docs/performance.md),
+rounded up: the estimate is meant to be above the measurement, never below. Under bf16 autocast the same figure is kept (an upper one).
 
 train.py keeps the effective batch (batch_size x grad_accum sequences per optimizer step, so the same sequences
 in the same steps, plan_steps) and takes the largest micro-batch whose step fits HEADROOM of what the device has:
@@ -38,9 +38,10 @@ def gb(n_bytes):
 
 
 def longest_sequence(tokenized, args, block_size):
-    """-> (columns, scored columns, columns from the first thought on) of the longest training sequence any stage can build from these records: the
-    question, the markers, every step (or its thoughts, up to max_latent_stage x c_thought), the answer, <eos>;
-    collate aligns the first thought, so a batch may hold the longest question beside the longest rest."""
+    """-> (columns, scored columns, columns from the first thought on) of the longest training sequence any stage
+    can build from these records: the question, the markers, every step (or its thoughts, up to max_latent_stage x
+    c_thought), the answer, <eos>; collate aligns the first thought, so a batch may hold the longest question
+    beside the longest rest."""
     thoughts = args.max_latent_stage * args.c_thought
     question = max((len(t.question) for t in tokenized), default=1)
     rest = max((sum(map(len, t.steps)) + thoughts + len(t.answer) + 3 for t in tokenized), default=1)
@@ -125,9 +126,9 @@ def fit_micro_batch(args, model, tokenized, device):
     need = lambda m: step_bytes(model, args, m, columns, scored, rest, device)
     budget, total = HEADROOM * limit, args.batch_size * args.grad_accum
     if need(1) > budget:
-        return (f"warning: even one sequence per micro-batch needs about {gb(need(1))} ({gb(need(0))} of it before any "
-                f"activation: the weights, gradients and AdamW state), more than {what} allow: it will run out of memory; more "
-                f"processes with --fsdp, or --dtype bfloat16 on a GPU, hold less")
+        return (f"warning: even one sequence per micro-batch needs about {gb(need(1))} ({gb(need(0))} of it before "
+                f"any activation: the weights, gradients and AdamW state), more than {what} allow: it will run out "
+                f"of memory; more processes with --fsdp, or --dtype bfloat16 on a GPU, hold less")
     if "batch_size" in args.typed or args.resume:
         if need(args.batch_size) <= budget:
             return None
@@ -147,7 +148,8 @@ def fit_micro_batch(args, model, tokenized, device):
 def out_of_memory_line(args):
     """What a CUDA out-of-memory error becomes: one line naming the micro-batch to try (half of it or less)."""
     total = args.batch_size * args.grad_accum
-    smaller = [(m, g) for m, g in splits(args.batch_size, args.grad_accum, parallel.world()) if m <= args.batch_size // 2]
+    world = parallel.world()
+    smaller = [(m, g) for m, g in splits(args.batch_size, args.grad_accum, world) if m <= args.batch_size // 2]
     if not smaller:
         return ("out of GPU memory at micro-batch 1: more processes with --fsdp, or --dtype bfloat16, hold less")
     m, g = smaller[0]

@@ -169,3 +169,15 @@ def test_the_demo_step_where_read_and_everywhere():
         read, every, ms_read, ms_every, ratio = map(float, field(rf"\n\s*{mode}" + rf"\s+{NUM}" * 5, r.stdout))
         assert 0.5 * every < read < 0.9 * every  # the last of two blocks skips most columns
         assert ms_read > 0 and ms_every > 0 and ratio == pytest.approx(ms_read / ms_every, abs=0.01)
+
+
+def test_the_memory_estimate_is_above_a_measured_step():
+    # machinery/memory.py's estimate (what train.py picks its micro-batch by) against the peak that one step of a
+    # 4-block, 256-wide Coconut adds, measured in a fresh process: above it, and not by more than twice
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--memory_estimate", "16:200:6:40",
+                        "--sizes", "small", "--threads", "1"], cwd=ROOT, env=dict(os.environ, **CPU_ONLY),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured, estimated, ratio = map(float, field(rf"16 x 248 columns \(6 thoughts, 40 answer tokens\): measured {NUM} "
+                                                  rf"GiB, estimated {NUM} GiB -> estimate/measured = {NUM}", r.stdout))
+    assert measured > 0.1 and 1.0 <= ratio <= 2.0 and ratio == pytest.approx(estimated / measured, abs=0.01)

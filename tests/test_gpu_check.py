@@ -48,7 +48,8 @@ def test_smoke_fsdp_section(smoke):
     # runs on CUDA only, as in train.py), the same step as without FSDP, a sharded save and load
     text, out = smoke
     assert "process group gloo, world 1; parallel.shard with fp32 weights" in text
-    loss, ref = map(float, re.search(r"^fsdp step: loss ([\d.]+) vs ([\d.]+) without FSDP .*: PASS", text, re.M).groups())
+    step = re.search(r"^fsdp step: loss ([\d.]+) vs ([\d.]+) without FSDP .*: PASS", text, re.M)
+    loss, ref = map(float, step.groups())
     assert loss == pytest.approx(ref, rel=1e-5) and loss > 0
     n = re.search(r"^fsdp sharded save [\d.]+ s, load [\d.]+ s: identical tensors (\d+)/\1: PASS$", text, re.M)
     assert n and int(n.group(1)) > 10

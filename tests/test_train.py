@@ -617,3 +617,25 @@ def test_every_process_a_test_starts_is_pinned_to_the_cpu():
                     if "CPU_ONLY" not in body and not any(e in body for e in exempt):
                         unpinned.append(f"{name}:{call.lineno} {text.splitlines()[0]}")
     assert not unpinned, unpinned
+
+
+def test_a_signal_repeated_at_once_or_during_a_save_is_the_same_stop(data_dir, tmp_path, monkeypatch, capsys):
+    import signal
+    # two Ctrl-Cs at once (a terminal's reaches torchrun too, which passes it on): the step ends, saves, stops
+    monkeypatch.setenv(SIGNAL_HOOK, "3:INT,3:INT")
+    out = str(tmp_path / "twice")
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", out, "--epochs", "1"]) == 130
+    assert stop_line(capsys).startswith(f"train.py: stopped at step 4; saved {out}/ckpt.pt: continue with")
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+    # during a save no signal cuts it short, even later than REPEAT_SECONDS; outside one, a later one does
+    monkeypatch.setattr(interrupt, "REPEAT_SECONDS", 0)
+    handlers = interrupt.install_signal_handlers()
+    try:
+        with interrupt.saving():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.STOP["requested"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        interrupt.restore_signal_handlers(handlers)
