@@ -107,9 +107,10 @@ def check_args(args):
 
 
 def barrier():
-    """Every process waits here for the others (nothing without torchrun)."""
+    """Every process waits here for the others (nothing without torchrun): an all-reduce of a CPU tensor, which
+    goes through gloo beside nccl, where dist.barrier() on nccl would guess each process's GPU from its rank."""
     if world() > 1:
-        dist.barrier()
+        dist.all_reduce(torch.zeros(1))
 
 
 def any_rank(flag):

@@ -43,7 +43,8 @@ def run_config(args):
     ckpt = read_checkpoint(ckpt_path)
     cfg = {**vars(args), **ckpt["config"]}  # today's defaults only for options the run did not know
     split = {k for k in ("batch_size", "grad_accum") if k in args.typed}
-    if split and getattr(args, "batch_size") * getattr(args, "grad_accum") == cfg["batch_size"] * cfg["grad_accum"]:
+    if split and None not in (args.batch_size, args.grad_accum) and \
+            args.batch_size * args.grad_accum == cfg["batch_size"] * cfg["grad_accum"]:
         cfg.update({k: getattr(args, k) for k in ("batch_size", "grad_accum")})  # the same steps, split otherwise
         args.typed = [k for k in args.typed if k not in split]
     for k in args.typed:
