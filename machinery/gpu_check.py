@@ -300,7 +300,8 @@ def fsdp(args):
         optimizer.step()
         folder, t = os.path.join(args.tmp, "shards"), time.time()
         save_sharded(model, optimizer, folder)
-        saved, t_save = {k: v.full_tensor().cpu() for k, v in model.state_dict().items()}, time.time() - t
+        t_save = time.time() - t
+        saved = {k: v.full_tensor().cpu() for k, v in model.state_dict().items()}
         _, _, fresh, _ = inputs(args, 1, 1)  # the weights before the step, which the load must replace
         shard(fresh, device, bf16_weights=bf16)
         t = time.time()
@@ -312,6 +313,8 @@ def fsdp(args):
             f"{'PASS' if same == len(saved) else 'FAIL'}")
     finally:
         dist.destroy_process_group()
+        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the run after it: one process
+            os.environ.pop(k, None)
 
 
 def free_port():
