@@ -104,11 +104,15 @@ def step_bytes(model, args, rows, columns, scored, rest, device):
                                     fused_attention=device.type == "cuda")
 
 
-def splits(batch_size, grad_accum, world):
+def splits(batch_size, grad_accum, world, n=None):
     """The micro-batches that keep batch_size x grad_accum per step, largest first: (micro, accumulation) with the
-    accumulation a multiple of the processes and the micro-batch at most batch_size."""
-    total = batch_size * grad_accum
-    return [(m, total // m) for m in range(batch_size, 0, -1) if total % m == 0 and (total // m) % world == 0]
+    accumulation a multiple of the processes and the micro-batch at most batch_size. With n (the sequences of an
+    epoch), only those that give the same steps: plan_steps drops a short last step of fewer sequences than its
+    accumulation, and it must be dropped (or kept) under the new split as under the old."""
+    total, rest = batch_size * grad_accum, (n or 0) % (batch_size * grad_accum)
+    same = lambda g: rest == 0 or (rest >= g) == (rest >= grad_accum)
+    return [(m, total // m) for m in range(batch_size, 0, -1)
+            if total % m == 0 and (total // m) % world == 0 and same(total // m)]
 
 
 def fit_micro_batch(args, model, tokenized, device):
@@ -132,14 +136,14 @@ def fit_micro_batch(args, model, tokenized, device):
     if "batch_size" in args.typed or args.resume:
         if need(args.batch_size) <= budget:
             return None
-        best = next(m for m, _ in splits(args.batch_size, args.grad_accum, parallel.world()) + [(1, 0)]
-                    if need(m) <= budget)
+        best = next((m for m, _ in splits(args.batch_size, args.grad_accum, parallel.world(), len(tokenized))
+                     if need(m) <= budget), 1)
         return (f"warning: micro-batch {args.batch_size} needs about {gb(need(args.batch_size))}, more than {what} "
                 f"allow: it may run out of memory; --batch_size {best} --grad_accum {total // best} keeps {total} "
                 f"per step")
-    fits = [(m, g) for m, g in splits(args.batch_size, args.grad_accum, parallel.world()) if need(m) <= budget]
-    if fits:
-        args.batch_size, args.grad_accum = fits[0]
+    same_steps = splits(args.batch_size, args.grad_accum, parallel.world(), len(tokenized))
+    fits = [(m, g) for m, g in same_steps if need(m) <= budget]
+    args.batch_size, args.grad_accum = fits[0] if fits else same_steps[-1]  # else the nearest to fitting
     return (f"micro-batch {args.batch_size} x {args.grad_accum} accumulation steps = {total}: "
             f"{'fits' if fits else 'may not fit'} {what} (about {gb(need(args.batch_size))} at the longest "
             f"sequence, {columns} columns)")

@@ -1,6 +1,7 @@
 """train.py: a tiny run end to end, SIGKILL/Ctrl-C + --resume = an uninterrupted run bit for bit, 2 DDP
 processes = 1 process, the official answer rule, starting from OpenAI-layout safetensors (the vocabulary
 grows by 3) and from a CoT checkpoint, and the error paths (one line each)."""
+import argparse
 import json
 import os
 import re
@@ -509,6 +510,16 @@ def test_the_largest_micro_batch_that_fits_keeps_the_step(data_dir, tmp_path, mo
     split = train.plan_steps(24, 1, args)
     args.batch_size, args.grad_accum = 64, 1
     assert [sorted(sum(s, [])) for s in split] == [sorted(sum(s, [])) for s in train.plan_steps(24, 1, args)]
+    # not one that would drop the epoch's short last step: 1 x 64 would fit, but 24 sequences cannot fill 64
+    # micro-batches (plan_steps drops them), so 4 x 16, the nearest to fitting of those that keep it, and says so
+    args = train.parse_args(flags)
+    monkeypatch.setenv(memory.LIMIT_ENV, f"{(need(1) + need(2)) / 2 / memory.HEADROOM / 2**30:.6f}")
+    line = memory.fit_micro_batch(args, model, tokenized, torch.device("cpu"))
+    assert line.startswith("micro-batch 4 x 16 accumulation steps = 64: may not fit"), line
+    assert [sorted(sum(s, [])) for s in train.plan_steps(24, 0, args)] == [list(range(24))]
+    with pytest.raises(ValueError, match="cannot fill the 64 micro-batches"):
+        train.plan_steps(24, 0, argparse.Namespace(seed=0, batch_size=1, grad_accum=64))
+    monkeypatch.delenv(memory.LIMIT_ENV)
     # a resumed run keeps its checkpoint's split, and may take another of the same product
     capsys.readouterr()
     assert train.main(["--out_dir", out, "--resume", "--epochs", "3", "--batch_size", "4", "--grad_accum", "16"]) == 0
