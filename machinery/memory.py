@@ -9,7 +9,8 @@ chunked cache materialises them (heads x columns after the first thought x colum
 mask, softmax, their gradients; and with dropout on a CPU every column's, DROPOUT_ATT_COPIES), lm_head's logits
 where a label is (LOGIT_COPIES copies of the vocabulary per scored column), and FIXED_BYTES. The constants are
 fitted to the peaks that `python machinery/bench.py --memory_estimate` measures on the CPU (docs/performance.md),
-rounded up: the estimate is meant to be above the measurement, never below. Under bf16 autocast the same figure is kept (an upper one).
+rounded up: the estimate is meant to be above the measurement, never below. Under bf16 autocast the same figure
+is kept (an upper one).
 
 train.py keeps the effective batch (batch_size x grad_accum sequences per optimizer step, so the same sequences
 in the same steps, plan_steps) and takes the largest micro-batch whose step fits HEADROOM of what the device has:

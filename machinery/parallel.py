@@ -25,10 +25,11 @@ whose .grad is set, and clears it: the hooks that run before autograd writes .gr
 first one after it finds the whole sum, the ones after that nothing again. tests/test_fsdp.py counts the
 collectives per step (TRAIN_TEST_COLLECTIVES), with processes whose micro-batches hold different numbers of
 thoughts: L + 1 all-gathers and (L + 1) x micro-batches reduce-scatters, so a torch that changed this would
-fail there first. The cost in memory: the model's whole weights are held during the step, as DDP holds them all the time (on a GPU with --dtype
-bfloat16 the blocks' in bf16, 2 bytes per parameter), beside each process's 1/N of the fp32 weights,
-gradients and AdamW moments (16 bytes per parameter in all). The whole gradients exist during Coconut's
-backward under either choice: autograd holds each block's sum over the passes until the first pass's turn.
+fail there first. The cost in memory: the model's whole weights are held during the step, as DDP holds them
+all the time (on a GPU with --dtype bfloat16 the blocks' in bf16, 2 bytes per parameter), beside each process's
+1/N of the fp32 weights, gradients and AdamW moments (16 bytes per parameter in all). The whole gradients exist
+during Coconut's backward under either choice: autograd holds each block's sum over the passes until the first
+pass's turn.
 """
 import contextlib
 import gc
