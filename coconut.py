@@ -59,7 +59,9 @@ class Coconut(nn.Module):
         Returns the final hidden states (B, L, C) and {"thoughts": (B, n_max, C), "n_thoughts": (B,), "past": the KV cache}.
         read: (L,) bool, the columns whose hidden states the caller reads (None: all); the others come back
         as zeros, and the last block skips them (gpt's out_cols): the same numbers, a third less work in a
-        2-layer model.
+        2-layer model. With dropout > 0 in training (GPT-2's 0.1) the numbers differ: the last block draws its
+        dropout masks over fewer columns, so the random stream, and every mask drawn after it, differ from a
+        run over every column, and training takes another random path (of the same distribution).
         """
         B, L = input_ids.shape
         embeds = self.gpt.transformer.wte(input_ids)  # (B, L, C): token embeddings; thoughts replace some

@@ -28,7 +28,7 @@ import torch
 
 from coconut import Coconut
 from curriculum import build_examples, collate, make_question, stage_for_epoch, stage_name
-from machinery import demo, parallel, resume
+from machinery import demo, memory, parallel, resume
 from machinery.checkpoint import first_line, gpt_from_checkpoint, init_model, resolve_device, tokenizer_from_checkpoint
 from machinery.evaluate import evaluate, summarize_outputs
 from machinery.icot import icot_epoch
@@ -60,6 +60,9 @@ def train(args):
     saved, ckpt = (ckpt["step"] if ckpt else None), None  # the last good checkpoint's step; the file's dict let go
     train_tok = [tokenize(r, tok) for r in train_records]
     val_tok = [tokenize(r, tok) for r in val_records]
+    fit = memory.fit_micro_batch(args, model, train_tok, device)  # the largest micro-batch that fits, the same steps
+    if fit:
+        log(fit)
     if args.max_new_tokens is None:  # a user's data set: what its longest target needs, and some room
         args.max_new_tokens = min(longest_target(train_tok + val_tok) * 5 // 4 + 4, model.gpt.config.block_size)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
@@ -110,11 +113,13 @@ def train(args):
                                    meter.seconds())
             state.update(epoch_complete=True, metrics=state["metrics"] + [m])
             saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved, best=improved)
-            if STOP["requested"]:
+            if parallel.any_rank(STOP["requested"]):  # agreed: a signal may reach the processes between steps
                 raise Interrupted(f"stopped after epoch {epoch + 1}; saved {ckpt_path}: continue with "
                                   f"`{continue_with(args)}`")
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, wherever it fell; a save is atomic
         raise Interrupted(f"interrupted at once; {left_intact(ckpt_path, saved, args)}") from None
+    except torch.OutOfMemoryError:  # one line that names the micro-batch to use
+        raise memory.OutOfMemory(memory.out_of_memory_line(args)) from None
     finally:
         restore_signal_handlers(handlers)
     log(stage_table(state["metrics"], vars(args)))
@@ -284,7 +289,9 @@ def make_model(args, ckpt, train_records, device):
         args.dropout = gpt.config.dropout  # recorded resolved: 0.1 from released weights, 0 from scratch
     else:
         path = os.path.join(args.out_dir, "ckpt.pt")
-        gpt, tok = gpt_from_checkpoint(ckpt, path), tokenizer_from_checkpoint(ckpt, path)
+        # a sharded checkpoint's weights: read once, each process its slices, by resume.start_state
+        gpt = gpt_from_checkpoint(ckpt, path, weights=not ckpt.get("shards"))
+        tok = tokenizer_from_checkpoint(ckpt, path)
     model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id, feedback=args.mode in FEEDBACK_MODES)
     if args.compile:
         for block in gpt.transformer.h:
@@ -351,7 +358,7 @@ def main(argv=None):
         print(f"train.py: interrupted before the first step; {args.out_dir} is as it was: run `{again}` again",
               file=sys.stderr)
         return 130
-    except (Diverged, OSError, ValueError, subprocess.CalledProcessError) as e:
+    except (Diverged, memory.OutOfMemory, OSError, ValueError, subprocess.CalledProcessError) as e:
         if parallel.rank() == 0:
             print(f"train.py: error: {first_line(e)}", file=sys.stderr)
         return 1

@@ -59,6 +59,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -441,6 +443,123 @@ def bench_fsdp_memory(args):
               f"{gib(act)} per micro-batch of 8 x 160 columns", flush=True)
         print(f"[{shape}]   -> about {gib(fixed + act)} per GPU at --batch_size 8, {gib(fixed + 4 * act)} at 32 "
               f"(DDP: {gib(16 * (Pb + Pr))} of fp32 state alone)", flush=True)
+
+
+def estimate_child(args):
+    """
+    One Coconut training step (forward + backward, fp32) of a GPT of --sizes' first shape on --estimate_child's
+    ROWS:QUESTION:THOUGHTS:ANSWER batch (coconut_batch), in a fresh process: prints {"peak": the peak resident
+    memory the step adds, in bytes, "estimate": machinery/memory.py's activations and gradients for it}.
+    """
+    import resource
+    from machinery import memory
+    rows, question, thoughts, answer = map(int, args.estimate_child.split(":"))
+    torch.manual_seed(0)
+    config = GPTConfig(**SIZES[args.sizes[0]], vocab_size=50260, block_size=1024, dropout=args.dropout)
+    model = Coconut(GPT(config), 50259, 50258, 50257, 0)
+    ids, mask, labels, pos = coconut_batch(rows, question, thoughts, answer, 50260, 0, "cpu")
+    base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    loss, _ = model(ids, mask, labels, pos)
+    loss.backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    grads = 4 * sum(p.numel() for p in model.parameters())
+    estimate = memory.activation_bytes(config, rows, ids.size(1), answer + 1, thoughts + 2 + answer) + grads
+    print(json.dumps(dict(peak=peak, estimate=estimate, columns=ids.size(1))))
+
+
+def bench_memory_estimate(args):
+    """--memory_estimate: machinery/memory.py's estimate of a step against its measured peak, each batch in a
+    fresh process (the estimate is meant to be above, never below)."""
+    for size in args.sizes:
+        for spec in args.memory_estimate:
+            cmd = [sys.executable, os.path.abspath(__file__), "--estimate_child", spec, "--sizes", size,
+                   "--threads", str(args.threads), "--dropout", str(args.dropout)]
+            d = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip())
+            rows, question, thoughts, answer = spec.split(":")
+            print(f"[{size}] {rows} x {d['columns']} columns ({thoughts} thoughts, {answer} answer tokens): measured "
+                  f"{d['peak'] / 2**30:.3f} GiB, estimated {d['estimate'] / 2**30:.3f} GiB -> estimate/measured = "
+                  f"{d['estimate'] / d['peak']:.2f} (dropout {args.dropout:g}; torch {torch.__version__}, fp32, CPU)",
+                  flush=True)
+
+
+# (f) --resume_memory: what a resume holds in CPU memory, per process, up to the loop's first step
+RSS_CHILD = """
+import json, os, resource, sys, threading, time
+sys.path.insert(0, os.environ["BENCH_TRAIN_ROOT"])
+def anon():  # resident memory of the process's own (not of files it maps: the kernel may drop those)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
+PEAK = [0]
+def sample():
+    while True:
+        PEAK[0] = max(PEAK[0], anon())
+        time.sleep(0.002)
+threading.Thread(target=sample, daemon=True).start()
+import train
+class Loaded(Exception):
+    pass
+def loaded(*a, **k):  # train() plans the epoch's steps once the checkpoint is applied and let go
+    import gc
+    gc.collect()
+    peak = max(PEAK[0], anon())
+    print("RSS " + json.dumps(dict(rank=int(os.environ.get("RANK", 0)), peak=peak, held=anon(),
+                                   hwm=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)), flush=True)
+    raise Loaded
+train.plan_steps = loaded
+try:
+    train.main(sys.argv[1:])
+except Loaded:
+    pass
+"""
+
+
+def bench_resume_memory(args):
+    """
+    --resume_memory: a checkpoint of a GPT of --sizes' first shape from scratch on generated tiny records (one
+    process, whole; two --fsdp sharded processes, sharded), then its resume in a fresh process or two, stopped
+    once the checkpoint is applied: each process's peak of its own (anonymous) memory, what it holds then, and its
+    peak resident set with the pages of mapped files (a memory-mapped checkpoint's, which the kernel may drop). Run
+    with --train_root at another checkout (the same train.py flags) to measure its code on the same files.
+    """
+    root = os.path.abspath(args.train_root or ROOT)
+    work = tempfile.mkdtemp(prefix="resume_memory-")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads or 1), TRAIN_BACKEND="gloo", CUDA_VISIBLE_DEVICES="",
+               BENCH_TRAIN_ROOT=root, PYTHONPATH=root)
+    child = os.path.join(work, "rss_child.py")
+    with open(child, "w") as f:
+        f.write(RSS_CHILD)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "tiny", "prepare.py"), "--out_dir",
+                    os.path.join(work, "tiny"), "--n_train", "8", "--n_valid", "2", "--n_test", "2"], check=True,
+                   capture_output=True)
+    shape = SIZES[args.sizes[0]]
+    flags = ["--dataset", "tiny", "--data_dir", work, "--init_from", "scratch", "--n_layer", str(shape["n_layer"]),
+             "--n_head", str(shape["n_head"]), "--n_embd", str(shape["n_embd"]), "--block_size", "128",
+             "--batch_size", "1", "--grad_accum", "2", "--epochs", "1", "--save_every", "1", "--device", "cpu",
+             "--threads", "1"]
+    whole, sharded = os.path.join(work, "whole"), os.path.join(work, "sharded")
+    kill = dict(env, TRAIN_TEST_SIGNALS="1:KILL", BENCH_TRAIN_ROOT=ROOT, PYTHONPATH=ROOT)  # saved at step 1
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags, "--out_dir", whole], env=kill,
+                   capture_output=True)
+    subprocess.run([*torchrun, os.path.join(ROOT, "train.py"), *flags, "--out_dir", sharded, "--fsdp", "sharded"],
+                   env=kill, capture_output=True)
+    size = lambda d: sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs if
+                         f.endswith((".pt", ".distcp")) and "best" not in f)
+    print(f"[{args.sizes[0]}] resume memory of {root} (torch {torch.__version__}): a checkpoint of "
+          f"{size(whole) / 2**30:.2f} GiB (whole), {size(sharded) / 2**30:.2f} GiB (sharded)", flush=True)
+    for what, cmd in (("1 process, whole checkpoint", [sys.executable, child]),
+                      ("2 processes --fsdp, whole checkpoint", [*torchrun, child, "--fsdp"]),
+                      ("2 processes --fsdp sharded, sharded checkpoint", [*torchrun, child])):
+        out = whole if "whole" in what else sharded
+        r = subprocess.run([*cmd, "--out_dir", out, "--resume", "--device", "cpu"], cwd=root, env=env,
+                           capture_output=True, text=True)
+        rows = sorted(map(json.loads, re.findall(r"RSS (\{[^}]*\})", r.stdout)), key=lambda d: d["rank"])
+        if not rows:
+            sys.exit(f"bench.py --resume_memory: {what} failed:\n{r.stderr[-3000:]}")
+        gib = lambda key: ", ".join(f"{d[key] / 2**30:.2f}" for d in rows)
+        print(f"[{args.sizes[0]}] {what}: peak {gib('peak')} GiB per process of its own memory (anonymous, sampled "
+              f"every 2 ms), {gib('held')} GiB held once loaded; peak resident with mapped files {gib('hwm')} GiB",
+              flush=True)
+    shutil.rmtree(work)
 
 
 def bench_demo_step(args):
@@ -1022,6 +1141,14 @@ def main():
     p.add_argument("--against", default=None, metavar="REV", help="with --demo_step: coconut.py at a git commit "
                    "against today's, steps alternating: the paired ratio and whether results stay bit-identical")
     p.add_argument("--profile", action="store_true", help="with --demo_step: Coconut's step by op (torch.profiler)")
+    p.add_argument("--memory_estimate", nargs="+", default=None, metavar="ROWS:QUESTION:THOUGHTS:ANSWER",
+                   help="machinery/memory.py's step estimate against the measured peak, per --sizes, on batches of "
+                        "random tokens in Coconut's layout")
+    p.add_argument("--resume_memory", action="store_true",
+                   help="(f) the peak CPU memory per process of a resume, whole and sharded, for --sizes' first shape")
+    p.add_argument("--train_root", default=None, help="--resume_memory: the checkout whose train.py resumes (this one)")
+    p.add_argument("--dropout", type=float, default=0.0, help="--memory_estimate's model dropout (GPT-2's: 0.1)")
+    p.add_argument("--estimate_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--demo_step", action="store_true", help="(e) the CPU demo's step, the last block where read "
                                                              "and everywhere, against the matmul rate")
     f = p.add_argument_group("(d) --fsdp N: train.py --fsdp, fully_shard's default and DDP over N processes")
@@ -1054,6 +1181,12 @@ def main():
         return bench_superposition(args)
     if args.fsdp_child:
         return fsdp_child(args)
+    if args.estimate_child:
+        return estimate_child(args)
+    if args.resume_memory:
+        return bench_resume_memory(args)
+    if args.memory_estimate:
+        return bench_memory_estimate(args)
     if args.layer_memory_child:
         return layer_memory_child(args)
     if args.fsdp_memory:

@@ -80,11 +80,13 @@ def checkpoint_body(model, tok, config, weights=None, **progress):
 
 
 def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict, checked; one-line errors for a missing, truncated or foreign file."""
+    """The checkpoint dict, checked; one-line errors for a missing, truncated or foreign file. Memory-mapped: a
+    tensor's bytes are read when it is used (copied into the model, say), and what the page cache holds of the file
+    is the kernel's to drop; nothing of it stays once the dict is let go."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, not a zip, pickled foreign objects...: all the same to the user
         # torch's own message for pickled objects advises weights_only=False, which would run the
         # file's code: never pass that advice on.
@@ -101,7 +103,9 @@ def read_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def gpt_from_checkpoint(ckpt, path, dropout=None):
+def gpt_from_checkpoint(ckpt, path, dropout=None, weights=True):
+    """The checkpoint's GPT (or Llama), its weights read in unless weights=False (train.py's sharded resume, whose
+    parallel.load_sharded reads each process's slices once, rather than every whole weight here first)."""
     args = dict(ckpt["model_args"])
     if dropout is not None:
         args["dropout"] = dropout
@@ -110,7 +114,9 @@ def gpt_from_checkpoint(ckpt, path, dropout=None):
     model_class, config_class = ARCHS[ckpt.get("arch", "gpt2")]
     try:
         gpt = model_class(config_class(**args))
-        if ckpt.get("shards"):
+        if not weights:
+            pass
+        elif ckpt.get("shards"):
             read_shards(gpt, shards_folder(ckpt, path))
         else:
             gpt.load_state_dict(ckpt["model"])

@@ -1,7 +1,8 @@
 """
 The prepared GPU check: one script that one GPU runs in under 10 minutes; its lines paste into the README.
 
-    python machinery/gpu_check.py                     # 1. environment, 2. numerics, 3. timing, 4. run, within --budget_s
+    python machinery/gpu_check.py                     # 1. environment, 2. numerics, 3. timing, 4. fsdp, 5. run,
+                                                      # within --budget_s
     python machinery/gpu_check.py --smoke             # a tiny version of each, seconds on a CPU (tests/test_gpu_check.py)
     python machinery/gpu_check.py --skip timing,run   # the environment and the numerics only
 
@@ -249,6 +250,81 @@ def timing(args):
         say(f"{name}: training step {ms:.1f} ms{note}; generation {qps:.1f} questions/s" + (f" ({graphs()})" if comp else ""))
 
 
+def fsdp(args):
+    """
+    A one-rank process group (nccl for the GPU as train.py's torchrun runs get it, gloo in --smoke) around
+    parallel.shard with train.py's bf16 policy on a GPU (--dtype bfloat16: bf16 weights gathered, fp32 reduce),
+    one Coconut step against the same step without FSDP (loss, gradient norm, peak memory), an AdamW step,
+    then a sharded save and a load into a fresh sharded model: the same weights.
+    """
+    import torch.distributed as dist
+    from machinery import parallel
+    from machinery.parallel import load_sharded, save_sharded, shard
+    cuda = args.cuda
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    dist.init_process_group(backend)
+    try:
+        b, _, model, what = inputs(args, 4 if args.smoke else 8, 1)
+        bf16 = cuda  # as parallel.wrap: a CPU's LayerNorm refuses bf16 weights beside fp32 inputs, so fp32 there
+        say(f"{what}; process group {backend}, world {parallel.world()}; parallel.shard with "
+            f"{'bf16 weights (MixedPrecisionPolicy), fp32 reduce' if bf16 else 'fp32 weights'}; batch "
+            f"{tuple(b['input_ids'].shape)} at stage {STAGE}")
+        device = torch.device(args.device)
+        plain = copy.deepcopy(model)
+        ctx = autocast(args, bf16)  # train.py's step: bf16 autocast with --dtype bfloat16
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ref_loss, ref = step(plain, b, ctx)
+        ref_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        del plain
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        shard(model, device, bf16_weights=bf16)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        with parallel.gathered(model):  # as train_step: the gradients are the slices' once it ends
+            with ctx:
+                loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+            loss.backward()
+        loss, g = loss.item(), {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        tol = 2e-2 if bf16 else 1e-5
+        rl, rg = abs(loss - ref_loss) / abs(ref_loss), abs(norm(g) - norm(ref)) / norm(ref)
+        ok = rl <= tol and rg <= 5 * tol
+        R = RESULTS["fsdp"] = dict(backend=backend, loss=loss, loss_without=ref_loss, rel_loss=rl, rel_grad_norm=rg,
+                                   ok=ok, peak_gib=peak, peak_gib_without=ref_peak)
+        say(f"fsdp step: loss {loss:.6f} vs {ref_loss:.6f} without FSDP (rel diff {rl:.1e}), grad norm rel diff "
+            f"{rg:.1e}: {'PASS' if ok else 'FAIL'} (loss within {tol:g}, grad norm {5 * tol:g})")
+        say(f"fsdp peak GPU memory of the step: {peak:.2f} GiB, without FSDP {ref_peak:.2f} GiB" if cuda else
+            "fsdp peak GPU memory: skipped (no CUDA)")
+        optimizer.step()
+        folder, t = os.path.join(args.tmp, "shards"), time.time()
+        save_sharded(model, optimizer, folder)
+        t_save = time.time() - t
+        saved = {k: v.full_tensor().cpu() for k, v in model.state_dict().items()}
+        _, _, fresh, _ = inputs(args, 1, 1)  # the weights before the step, which the load must replace
+        shard(fresh, device, bf16_weights=bf16)
+        t = time.time()
+        load_sharded(fresh, torch.optim.AdamW(fresh.parameters(), lr=1e-4), folder)
+        loaded = {k: v.full_tensor().cpu() for k, v in fresh.state_dict().items()}
+        same = sum(torch.equal(saved[k], loaded[k]) for k in saved)
+        R.update(save_s=t_save, load_s=time.time() - t, identical=same, tensors=len(saved))
+        say(f"fsdp sharded save {t_save:.1f} s, load {time.time() - t:.1f} s: identical tensors {same}/{len(saved)}: "
+            f"{'PASS' if same == len(saved) else 'FAIL'}")
+    finally:
+        dist.destroy_process_group()
+        for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):  # the run after it: one process
+            os.environ.pop(k, None)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(args):
     graph_dir(args)
     budget = left(args) - 20  # 20 s for what follows the run
@@ -305,15 +381,16 @@ def run(args):
 def main(argv=None):
     p = Parser(prog="machinery/gpu_check.py", description=__doc__.strip().split("\n\n")[0])
     p.add_argument("--budget_s", type=float, default=540, help="seconds for everything; the run takes what is left")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: numerics,timing,run")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: numerics,timing,fsdp,run")
     p.add_argument("--smoke", action="store_true", help="a tiny version of every section (CPU, seconds)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stage_epochs", type=int, default=0, help="the run's epochs per stage (0: from the time left)")
     p.add_argument("--symbols", action="store_true", help="sections 2-3 on symbolic records even with GPT-2's tokenizer")
     args = p.parse_args(argv)
-    skip, sections = set(filter(None, args.skip.split(","))), dict(numerics=numerics, timing=timing, run=run)
+    skip, sections = set(filter(None, args.skip.split(","))), dict(numerics=numerics, timing=timing, fsdp=fsdp, run=run)
     if skip - set(sections):
-        p.error(f"--skip: unknown section(s) {', '.join(sorted(skip - set(sections)))}; expected numerics,timing,run")
+        p.error(f"--skip: unknown section(s) {', '.join(sorted(skip - set(sections)))}; expected "
+                f"numerics,timing,fsdp,run")
     args.cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     if OUT:
         os.makedirs(OUT, exist_ok=True)

@@ -16,12 +16,20 @@ blocks. Worse, the count follows the number of thoughts, and processes whose mic
 numbers of thoughts would wait on each other's collectives forever. Here every group is gathered once per
 optimizer step instead (`gathered`): L + 1 all-gathers, whatever n and the number of micro-batches, and
 generation, whose processes run different numbers of passes, runs on weights gathered once for the whole
-validation, with no collective at all. Gradients are still reduce-scattered once per group and micro-batch:
-autograd sums a block's n + 1 contributions before FSDP's hook sees the gradient. The cost in memory: the
-model's whole weights are held during the step, as DDP holds them all the time (on a GPU with --dtype
-bfloat16 the blocks' in bf16, 2 bytes per parameter), beside each process's 1/N of the fp32 weights,
-gradients and AdamW moments (16 bytes per parameter in all). The whole gradients exist during Coconut's
-backward under either choice: autograd holds each block's sum over the passes until the first pass's turn.
+validation, with no collective at all. Gradients are still reduce-scattered once per group and micro-batch,
+not once per pass, and why rests on how autograd and FSDP2 (torch 2.13) work, not on a documented contract:
+a block's weights are leaves of the graph, used in n + 1 passes, and autograd accumulates their n + 1 gradient
+contributions in one buffer and writes .grad once, after the last of them (pass 0's, the last in the backward).
+FSDP2's post-backward hook fires once per call of the block (n + 1 times), but reduce-scatters only the weights
+whose .grad is set, and clears it: the hooks that run before autograd writes .grad find nothing to reduce, the
+first one after it finds the whole sum, the ones after that nothing again. tests/test_fsdp.py counts the
+collectives per step (TRAIN_TEST_COLLECTIVES), with processes whose micro-batches hold different numbers of
+thoughts: L + 1 all-gathers and (L + 1) x micro-batches reduce-scatters, so a torch that changed this would
+fail there first. The cost in memory: the model's whole weights are held during the step, as DDP holds them
+all the time (on a GPU with --dtype bfloat16 the blocks' in bf16, 2 bytes per parameter), beside each process's
+1/N of the fp32 weights, gradients and AdamW moments (16 bytes per parameter in all). The whole gradients exist
+during Coconut's backward under either choice: autograd holds each block's sum over the passes until the first
+pass's turn.
 """
 import contextlib
 import gc
@@ -47,7 +55,23 @@ def setup():
         return 0, 0, 1
     cuda = torch.cuda.is_available() and os.environ.get("TRAIN_BACKEND") != "gloo"
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    if os.environ.get(COUNT_HOOK):
+        count_collectives()
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size()
+
+
+COUNT_HOOK = "TRAIN_TEST_COLLECTIVES"  # tests: every process prints the collectives of each `gathered` block
+COUNTS = {}
+
+
+def count_collectives():
+    """Counts the collectives that FSDP2 calls (torch.distributed.all_gather_single and reduce_scatter_single in
+    torch 2.13), for `gathered` to print: the tests check how many reduce-scatters a step makes."""
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        def counted(*a, _name=name, _fn=getattr(dist, name), **k):
+            COUNTS[_name] = COUNTS.get(_name, 0) + 1
+            return _fn(*a, **k)
+        setattr(dist, name, counted)
 
 
 def teardown():
@@ -81,6 +105,22 @@ def check_args(args):
                          "drop --compile, or train with DDP (without --fsdp)")
     if args.grad_accum % world():
         raise ValueError(f"--grad_accum {args.grad_accum} must be a multiple of the {world()} processes")
+
+
+def barrier():
+    """Every process waits here for the others (nothing without torchrun): an all-reduce of a CPU tensor, which
+    goes through gloo beside nccl, where dist.barrier() on nccl would guess each process's GPU from its rank."""
+    if world() > 1:
+        dist.all_reduce(torch.zeros(1))
+
+
+def any_rank(flag):
+    """Is flag true in any process? (A collective: every process calls it; all get the same answer.)"""
+    if world() == 1:
+        return bool(flag)
+    t = torch.tensor([float(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
 
 
 def gather(obj):
@@ -157,6 +197,7 @@ def gathered(model):
         return
     from torch.distributed.fsdp import FSDPModule
     groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    COUNTS.clear()
     for m in groups:
         m.unshard()
     try:
@@ -164,6 +205,9 @@ def gathered(model):
     finally:
         for m in groups:
             m.reshard()
+    if os.environ.get(COUNT_HOOK):
+        print(f"collectives (rank {rank()}): {COUNTS.get('all_gather_single', 0)} all-gathers, "
+              f"{COUNTS.get('reduce_scatter_single', 0)} reduce-scatters", flush=True)
 
 
 def no_sync(step_model, last):
@@ -247,8 +291,11 @@ def load_sharded(model, optimizer, folder):
 
 def load_optimizer(optimizer, state):
     """AdamW's whole state (whole_state's, or one process's optimizer.state_dict()) into an optimizer over
-    sharded or whole parameters: under FSDP each process keeps its slice of each moment."""
+    sharded or whole parameters: under FSDP each process keeps its slice of each moment. The tensors are copied:
+    a memory-mapped checkpoint's file is not kept open by the moments (and its disk space with it)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = dict(state, state={i: {k: v.clone() if torch.is_tensor(v) and not hasattr(params[i], "device_mesh") else v
+                                   for k, v in s.items()} for i, s in state["state"].items()})
     if any(hasattr(p, "device_mesh") for p in params):
         from torch.distributed.tensor import distribute_tensor
         state = dict(state, state={i: {k: distribute_tensor(v.to(params[i].device), params[i].device_mesh,

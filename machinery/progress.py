@@ -36,8 +36,17 @@ def start_lines(args, n_train, n_val, per_epoch, model, device, bf16, ckpt_path,
         f"sequences per step; {parallel.world()} process(es){sharded} on {device}, {'bfloat16' if bf16 else 'float32'}")
     log(f"{per_epoch} optimizer steps per epoch, {per_epoch * n_epochs} in the whole run ({n_epochs} epoch"
         f"{'' if n_epochs == 1 else 's'}); validation writes up to {args.max_new_tokens} tokens per question")
-    log(f"{ckpt_path} is saved after every epoch{f' and every {args.save_every} steps' if args.save_every else ''}; "
-        f"a run stopped in any way, even killed, continues with `{continue_command}`")
+    when = f"after every epoch{f' and every {args.save_every} steps' if args.save_every else ''}"
+    if args.resume:  # there is a checkpoint to continue from
+        log(f"{ckpt_path} is saved {when}; a run stopped in any way, even killed, continues with `{continue_command}`")
+    else:  # the promise waits for the first save (saved_line)
+        log(f"{ckpt_path} is saved {when} and on Ctrl-C or SIGTERM; until the first save, a run killed starts again")
+
+
+def saved_line(ckpt_path, step, continue_command):
+    """Said at a new run's first save: from now on it continues."""
+    return (f"saved {ckpt_path} (step {step}): from now on a run stopped in any way, even killed, continues with "
+            f"`{continue_command}`")
 
 
 def run_notes(args, records, per_epoch, model=None):

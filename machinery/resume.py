@@ -14,9 +14,11 @@ import torch
 
 from machinery import parallel
 from machinery.checkpoint import checkpoint_body, drop_unused_shards, read_checkpoint, save_atomic, shards_folder
-from machinery.progress import log
+from machinery.interrupt import saving, slow_save_for_tests
+from machinery.progress import log, saved_line
 
-# What a resumed run may change; a different value of anything else would make it another run.
+# What a resumed run may change; a different value of anything else would make it another run. Also the split
+# of a step into micro-batches, --batch_size with --grad_accum, when their product (the sequences per step) stays.
 RESUMABLE = {"resume", "out_dir", "epochs", "device", "dtype", "compile", "threads", "save_every", "log_every",
              "eval_every", "max_val", "eval_batch_size", "overwrite", "fsdp"}
 LAUNCH = {"argv": []}  # this run's command-line arguments (train.main sets them), for the messages that repeat it
@@ -40,6 +42,11 @@ def run_config(args):
         raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
     ckpt = read_checkpoint(ckpt_path)
     cfg = {**vars(args), **ckpt["config"]}  # today's defaults only for options the run did not know
+    split = {k for k in ("batch_size", "grad_accum") if k in args.typed}
+    if split and None not in (args.batch_size, args.grad_accum) and \
+            args.batch_size * args.grad_accum == cfg["batch_size"] * cfg["grad_accum"]:
+        cfg.update({k: getattr(args, k) for k in ("batch_size", "grad_accum")})  # the same steps, split otherwise
+        args.typed = [k for k in args.typed if k not in split]
     for k in args.typed:
         if k in RESUMABLE:
             cfg[k] = getattr(args, k)
@@ -85,7 +92,16 @@ def begins_epoch(state, epoch):
 def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, best=False):
     """ckpt.pt (and best.pt), after checking the weights are finite; metrics.jsonl. Every process calls it
     (the random states are gathered; under FSDP the weights and AdamW's moments too, into rank 0, so that
-    the file is the same as one process's). Returns the step saved."""
+    the file is the same as one process's), and every process returns only once rank 0 has written it: no
+    process exits (and makes torchrun signal the others) while the save is under way, and no signal cuts it
+    short (interrupt.saving). Returns the step saved."""
+    with saving():
+        _save(model, optimizer, tok, args, state, device, path, saved, best)
+        parallel.barrier()
+    return state["step"]
+
+
+def _save(model, optimizer, tok, args, state, device, path, saved, best):
     if not parallel.all_finite(model):
         raise Diverged(f"the weights are not finite after step {state['step']}; stopped without saving: "
                        f"{last_good(path, saved)}")
@@ -96,6 +112,7 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
         parallel.save_sharded(model, optimizer, os.path.join(args.out_dir, shards))
     weights, adam = ({}, None) if shards else parallel.whole_state(model, optimizer, keep=parallel.rank() == 0)
     if parallel.rank() == 0:
+        slow_save_for_tests()
         config = {k: v for k, v in vars(args).items() if k not in ("typed", "continue_with")}
         body = checkpoint_body(model, tok, config, weights=weights, **state, world_size=parallel.world(),
                                **({"shards": shards} if shards else {}))
@@ -108,7 +125,8 @@ def save_checkpoint(model, optimizer, tok, args, state, device, path, saved, bes
         with open(metrics + ".tmp", "w") as f:
             f.writelines(json.dumps(m) + "\n" for m in state["metrics"])
         os.replace(metrics + ".tmp", metrics)
-    return state["step"]
+        if saved is None and not args.resume:
+            log(saved_line(path, state["step"], continue_with(args)))
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,10 @@ _cache = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken-cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = _cache
 
+# What every test that starts a process gives it: the CPU alone (no CUDA device visible, gloo between processes),
+# so that the suite runs alike on a machine with no GPU, one or eight (a test that means a GPU says so).
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": "", "TRAIN_BACKEND": "gloo"}
+
 _BPE = {}
 
 

@@ -11,6 +11,7 @@ from collections import deque
 import pytest
 
 from machinery import bench
+from conftest import CPU_ONLY
 from gpt import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +19,7 @@ NUM = r"([0-9.]+(?:e[+-]?[0-9]+)?)"
 
 
 def run_bench(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **CPU_ONLY)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--superposition", "ours", "--sp_small",
                         "--device", "cpu", "--threads", "1", *args],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -87,7 +88,7 @@ def test_superposition_ours_reads_data_folder(tmp_path):
 
 def test_superposition_bad_checkout_stops_at_once(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--superposition", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+                       cwd=ROOT, env=dict(os.environ, **CPU_ONLY), capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "not a checkout of Ber666/reasoning-by-superposition" in r.stderr
     assert "[superposition]" not in r.stdout  # before any data or training
 
@@ -133,8 +134,10 @@ def test_superposition_record_matches_their_format():
 @pytest.mark.multiprocess
 def test_fsdp_counts_and_times_against_ddp():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--fsdp", "2", "--sizes", "tiny",
-                        "--threads", "1", "--thoughts", "3", "--fsdp_micro", "2", "--repeats", "1", "--warmup", "0"],
-                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+                        "--threads", "1", "--thoughts", "3", "--fsdp_micro", "2", "--repeats", "1", "--warmup", "0",
+                        "--device", "cpu"],
+                       cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", **CPU_ONLY), capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "[tiny] FSDP over 2 processes (cpu, float32, 1 thread(s) each" in out and "2 blocks" in out
@@ -156,7 +159,7 @@ def test_fsdp_counts_and_times_against_ddp():
 def test_the_demo_step_where_read_and_everywhere():
     # (e): the demo's three steps, the last block only in the columns that are read against every column: fewer
     # FLOPs for each method (counted, so this holds on any machine), and the timings printed beside them
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **CPU_ONLY)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--demo_step", "--threads", "1",
                         "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
@@ -172,7 +175,7 @@ def test_the_demo_step_against_a_commit_and_by_op():
     # issue 29: --against REV times coconut.py at a commit against today's, alternating, and checks that the two
     # train bit for bit alike (HEAD: the same code, in a clean checkout); --profile gives the time by op and the
     # one-column passes' share
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **CPU_ONLY)
     bench = [sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--demo_step", "--threads", "1"]
     r = subprocess.run(bench + ["--against", "HEAD", "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -190,3 +193,15 @@ def test_the_demo_step_against_a_commit_and_by_op():
     assert len(shares) == 10 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.1
     assert re.search(r"one-column thought passes \(ops with a one-column input\): [0-9.]+% of the time, \d+ calls",
                      r.stdout)
+
+
+def test_the_memory_estimate_is_above_a_measured_step():
+    # machinery/memory.py's estimate (what train.py picks its micro-batch by) against the peak that one step of a
+    # 4-block, 256-wide Coconut adds, measured in a fresh process: above it, and not by more than twice
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "machinery", "bench.py"), "--memory_estimate", "16:200:6:40",
+                        "--sizes", "small", "--threads", "1"], cwd=ROOT, env=dict(os.environ, **CPU_ONLY),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured, estimated, ratio = map(float, field(rf"16 x 248 columns \(6 thoughts, 40 answer tokens\): measured {NUM} "
+                                                  rf"GiB, estimated {NUM} GiB -> estimate/measured = {NUM}", r.stdout))
+    assert measured > 0.1 and 1.0 <= ratio <= 2.0 and ratio == pytest.approx(estimated / measured, abs=0.01)

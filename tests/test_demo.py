@@ -12,6 +12,7 @@ import torch
 
 import data.reach.prepare as reach_prepare
 from machinery import demo
+from conftest import CPU_ONLY
 from machinery.interrupt import SIGNAL_HOOK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_cli(args, env=None, timeout=300):
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **CPU_ONLY, **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from machinery import parallel
+from machinery.parallel import COUNT_HOOK
 import sample
 import train
+from conftest import CPU_ONLY
 from machinery.checkpoint import load_checkpoint, one_file
 from coconut import Coconut
 from gpt import GPT, GPTConfig
-from machinery.interrupt import SIGNAL_HOOK
+from machinery.interrupt import SAVE_DELAY_HOOK, SIGNAL_HOOK
 from test_train import TINY, assert_same_weights, data_dir, weights  # noqa: F401 (data_dir: the fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +31,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = TINY + ["--n_embd", "64", "--epochs", "3", "--uniform_prob", "0.5", "--save_every", "4"]
 
 
-def torchrun(argv, env=None, timeout=120):
-    """train.py under torchrun with 2 CPU processes (gloo, one thread each)."""
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TRAIN_BACKEND="gloo", **(env or {}))
+def torchrun(argv, env=None, timeout=120, **popen):
+    """train.py under torchrun with 2 CPU processes (gloo, one thread each, no GPU visible, --device cpu)."""
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **CPU_ONLY, **(env or {}))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *argv], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+                           *argv, "--device", "cpu"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout,
+                          **popen)
 
 
 def why(r):
@@ -68,20 +71,34 @@ def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def collectives(out):
+    """Each process's (all-gathers, reduce-scatters) per `gathered` block, in order (TRAIN_TEST_COLLECTIVES)."""
+    counts = {}
+    for rank, gathers, scatters in re.findall(r"collectives \(rank (\d)\): (\d+) all-gathers, (\d+) reduce-scatters",
+                                              out):
+        counts.setdefault(int(rank), []).append((int(gathers), int(scatters)))
+    return counts
+
+
 def mib(text):
     return float(text.split()[0]) * (1024 if text.endswith("GiB") else 1)
 
 
 @pytest.mark.multiprocess
-def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys, request):
+def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tmp_path, capsys, request, monkeypatch):
     # --fsdp sharded: every checkpoint is written by both processes, each its slices (the Llama test: whole files)
     common = RUN + ["--data_dir", str(data_dir)]
     one, a, b = str(tmp_path / "one"), str(tmp_path / "a"), str(tmp_path / "b")
     assert train.main(common + ["--out_dir", one]) == 0
     losses_one = step_losses(capsys.readouterr().out)
-    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp", "sharded"])
+    r = torchrun(["train.py", *common, "--out_dir", a, "--fsdp", "sharded"], env={COUNT_HOOK: "1"})
     assert r.returncode == 0, why(r)
     assert "2 process(es) sharded (FSDP) on cpu" in r.stdout
+    # the processes' micro-batches hold different numbers of thoughts (passes), yet every step makes the same
+    # collectives: 2 all-gathers (the block, the root) and 2 reduce-scatters (one per group and micro-batch), not
+    # one per pass; validation gathers once and reduces nothing (parallel.py's docstring says why)
+    epoch = [(2, 2)] * 6 + [(2, 0)]
+    assert collectives(r.stdout) == {0: epoch * 3, 1: epoch * 3}
 
     # the same loss at every step (printed to 4 decimals) and at every epoch, the same weights within float error
     assert len(losses_one) == 18 and step_losses(r.stdout) == losses_one
@@ -139,8 +156,13 @@ def test_fsdp_sharded_matches_one_process_and_resumes_after_sigkill(data_dir, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "which is missing or incomplete" in err, err
 
-    # one process continues it too: a fourth epoch from the sharded run's checkpoint, then whole files
+    # one process continues it too: a fourth epoch from the sharded run's checkpoint, then whole files; the resume
+    # reads the shards once (make_model builds the model without them, start_state loads them)
+    import torch.distributed.checkpoint as dcp
+    reads = []
+    monkeypatch.setattr(dcp, "load", lambda *a, _load=dcp.load, **k: reads.append(k["checkpoint_id"]) or _load(*a, **k))
     assert train.main(["--out_dir", a, "--resume", "--epochs", "4"]) == 0
+    assert reads == [os.path.join(a, "shards-18-epoch")]
     assert "holds the random states of 2 processes, not 1" in capsys.readouterr().out
     assert [x["epoch"] for x in metrics(a)] == [1, 2, 3, 4]
     assert weights(os.path.join(a, "ckpt.pt")) and not [d for d in os.listdir(a) if d.startswith("shards-")
@@ -188,6 +210,39 @@ def test_fsdp_on_a_small_llama_matches_one_process_and_resumes(data_dir, tmp_pat
     assert row[3] == f"{best['val_correct']}/{best['val_total']}"
 
 
+@pytest.mark.multiprocess
+def test_four_micro_batches_on_two_processes_match_one(data_dir, tmp_path, capsys, request):
+    # --grad_accum 4 of 1 sequence: each process accumulates 2 micro-batches (of different numbers of thoughts)
+    # per step, under FSDP and DDP; one process accumulates all 4
+    common = RUN + ["--data_dir", str(data_dir), "--epochs", "1", "--batch_size", "1", "--grad_accum", "4"]
+    one, fsdp, ddp = str(tmp_path / "one"), str(tmp_path / "fsdp"), str(tmp_path / "ddp")
+    assert train.main(common + ["--out_dir", one]) == 0
+    losses_one = step_losses(capsys.readouterr().out)
+    r = torchrun(["train.py", *common, "--out_dir", fsdp, "--fsdp"], env={COUNT_HOOK: "1"})
+    assert r.returncode == 0, why(r)
+    assert len(losses_one) == 6 and step_losses(r.stdout) == losses_one
+    # per step: the 2 groups gathered once, and reduce-scattered once per group and micro-batch: 2 x 2
+    assert collectives(r.stdout) == {0: [(2, 4)] * 6 + [(2, 0)], 1: [(2, 4)] * 6 + [(2, 0)]}
+    r = torchrun(["train.py", *common, "--out_dir", ddp])
+    assert r.returncode == 0, why(r)
+    assert step_losses(r.stdout) == losses_one
+    # the same weights within float reordering (two processes sum (g1 + g3) + (g2 + g4), one ((g1 + g2) + g3) + g4),
+    # but for the attention's key bias: its gradient is zero but for rounding (a constant added to every key's score
+    # leaves the softmax as it was), and AdamW divides rounding by its own size, so that bias moves by up to lr a
+    # step, differently in every order of summation
+    key_bias = lambda w: w["transformer.h.0.attn.c_attn.bias"][64:128]  # n_embd 64: q, k, v
+    w = saved_weights(os.path.join(one, "ckpt.pt"))
+    diffs = {}
+    for name, d in (("FSDP", fsdp), ("DDP", ddp)):
+        w2 = saved_weights(os.path.join(d, "ckpt.pt"))
+        assert (key_bias(w) - key_bias(w2)).abs().max() < 6 * 2 * 1e-2  # 6 steps, lr 1e-2
+        key_bias(w2).copy_(key_bias(w))
+        diffs[name] = max_difference(w, w2)
+    show(request, capsys, f"\n--grad_accum 4 on 2 processes vs one, max |weight difference| but the key bias: FSDP "
+                          f"{diffs['FSDP']:.1e}, DDP {diffs['DDP']:.1e}")
+    assert max(diffs.values()) < 1e-5
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one line each, before any collective
 
@@ -207,3 +262,46 @@ def test_fsdp_bad_input(data_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match=r"--fsdp: the GPT has no transformer blocks .* run it with DDP") as e:
         parallel.shard(Coconut(gpt, 5, 6, 7, 0), torch.device("cpu"))
     assert "\n" not in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# Stops under torchrun: every process agrees on the step, waits for rank 0's save, and the command resumes
+
+STOPPED = re.compile(r"train.py: stopped at step (\d+); saved (\S+): continue with `([^`]+)`")
+
+
+def stop_and_resume(common, out, hook, reference, **popen):
+    """A 2-process run stopped by `hook` (TRAIN_TEST_SIGNALS) mid-epoch with a slow save (3 s in rank 0), then the
+    command it printed: the saved step is the one it names, and the end is the reference run's, bit for bit."""
+    r = torchrun(["train.py", *common, "--out_dir", out], env={SIGNAL_HOOK: hook, SAVE_DELAY_HOOK: "3"}, **popen)
+    stopped = STOPPED.search(r.stdout)
+    assert stopped, why(r)
+    step = int(stopped.group(1))
+    assert 3 <= step <= 5, r.stdout  # the step after the signal (or the next: torchrun passes it on a little later)
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == step  # that step, not an older one
+    assert "interrupted at once" not in r.stdout + r.stderr
+    argv = shlex.split(stopped.group(3))
+    assert argv[:4] == ["torchrun", "--nproc_per_node", "2", "train.py"]
+    r = torchrun(argv[argv.index("train.py"):])
+    assert r.returncode == 0, why(r)
+    assert f"step {step}" in r.stdout.split("resuming", 1)[1].splitlines()[0]
+    for name in ("ckpt.pt", "best.pt"):
+        assert_same_weights(saved_weights(os.path.join(reference, name)), saved_weights(os.path.join(out, name)))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("way", ["fsdp", "ddp"])
+def test_sigterm_to_torchrun_saves_on_every_rank_and_resumes(data_dir, tmp_path, way):
+    # one epoch of 6 steps; rank 0 sends SIGTERM to torchrun after step 2, torchrun passes it to both processes
+    common = RUN + ["--data_dir", str(data_dir), "--epochs", "1"] + (["--fsdp", "sharded"] if way == "fsdp" else [])
+    reference = str(tmp_path / "reference")
+    r = torchrun(["train.py", *common, "--out_dir", reference])
+    assert r.returncode == 0, why(r)
+    stop_and_resume(common, str(tmp_path / "parent"), "2:TERM@parent", reference)
+    if way == "fsdp":
+        # SIGTERM to each process alone (a scheduler's): before the barrier, rank 1 left while rank 0 still wrote,
+        # torchrun took its exit for a failure and signalled rank 0, whose second signal cut the save short
+        stop_and_resume(common, str(tmp_path / "each"), "2:TERM", reference)
+    else:
+        # a terminal's Ctrl-C: SIGINT to every process and to torchrun, which passes it on (two signals at once)
+        stop_and_resume(common, str(tmp_path / "group"), "2:INT@group", reference, start_new_session=True)

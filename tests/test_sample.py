@@ -16,6 +16,7 @@ from machinery import analysis
 import data.tiny.prepare as tiny_prepare
 import sample
 import train
+from conftest import CPU_ONLY
 from machinery.checkpoint import load_checkpoint
 from coconut import Coconut
 from curriculum import is_correct, prompt
@@ -154,7 +155,7 @@ def test_prompt_shapes():
 # The command line
 
 def cli(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, **CPU_ONLY)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=120)
     return r

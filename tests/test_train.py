@@ -1,6 +1,7 @@
 """train.py: a tiny run end to end, SIGKILL/Ctrl-C + --resume = an uninterrupted run bit for bit, 2 DDP
 processes = 1 process, the official answer rule, starting from OpenAI-layout safetensors (the vocabulary
 grows by 3) and from a CoT checkpoint, and the error paths (one line each)."""
+import argparse
 import json
 import os
 import re
@@ -13,12 +14,13 @@ import torch
 
 import data.tiny.prepare as tiny_prepare
 import train
-from machinery import progress
+from conftest import CPU_ONLY
+from machinery import interrupt, progress
 from machinery.checkpoint import init_model, load_checkpoint
 from curriculum import make_question
 from machinery.evaluate import evaluate
 from machinery.interrupt import SIGNAL_HOOK
-from machinery.records import tokenize
+from machinery.records import load_split, tokenize
 from machinery.tokenizer import compact_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +40,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_cli(args, env=None, timeout=120):
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **CPU_ONLY, **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=e,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -224,6 +226,7 @@ def test_every_stop_gives_the_whole_command(data_dir, tmp_path, monkeypatch, cap
     assert [json.loads(x)["epoch"] for x in open(os.path.join(b, "metrics.jsonl"))] == [1, 2]
     # a second Ctrl-C stops at once, between saves (--save_every 2: the last save was step 2)
     b2 = str(tmp_path / "b2")
+    monkeypatch.setattr(interrupt, "REPEAT_SECONDS", 0)  # the second Ctrl-C comes later than the first's echo
     monkeypatch.setenv(SIGNAL_HOOK, "3:INT,3:INT")
     assert train.main(common + ["--out_dir", b2, "--save_every", "2"]) == 130
     last = stop_line(capsys)
@@ -268,9 +271,9 @@ def test_ddp_two_processes_match_one(data_dir, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r = run_cli(common + ["--out_dir", one])
     assert r.returncode == 0, r.stderr
-    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    e = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **CPU_ONLY)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        os.path.join(ROOT, "train.py"), *common, "--out_dir", two], cwd=ROOT, env=e,
+                        os.path.join(ROOT, "train.py"), *common, "--out_dir", two, "--device", "cpu"], cwd=ROOT, env=e,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
@@ -521,3 +524,180 @@ def test_a_users_own_data_set_in_symbols(tmp_path):
     assert [m["stage"] for m in map(json.loads, open(tmp_path / "run" / "metrics.jsonl"))] == [0, 1]
     # the generic defaults, not a known data set's
     assert (ck["config"]["c_thought"], ck["config"]["tokenizer"], ck["config"]["uniform_prob"]) == (1, "auto", 0.0)
+
+
+# -----------------------------------------------------------------------------
+# The micro-batch that fits (machinery/memory.py), with the memory the estimate sees capped by TRAIN_MEMORY_GB
+
+def test_the_largest_micro_batch_that_fits_keeps_the_step(data_dir, tmp_path, monkeypatch, capsys):
+    from machinery import memory
+    # tiny's preset: 64 x 1 per step, not typed; the cap lets 8 sequences fit, not 16
+    i = TINY.index("--batch_size")
+    assert TINY[i:i + 4] == ["--batch_size", "2", "--grad_accum", "2"]
+    flags = TINY[:i] + TINY[i + 4:] + ["--data_dir", str(data_dir), "--epochs", "2"]
+    args = train.parse_args(flags)
+    assert (args.batch_size, args.grad_accum) == (64, 1)
+    model, tok = train.make_model(args, None, load_split(str(data_dir), "tiny", "train"), torch.device("cpu"))
+    tokenized = [tokenize(r, tok) for r in load_split(str(data_dir), "tiny", "train")]
+    columns, scored, rest = memory.longest_sequence(tokenized, args, 128)
+    need = lambda m: memory.step_bytes(model, args, m, columns, scored, rest, torch.device("cpu"))
+    assert need(16) > need(8) > need(1) > need(0) > 16 * sum(p.numel() for p in model.parameters())
+    cap = (need(8) + need(16)) / 2 / memory.HEADROOM / 2**30
+    monkeypatch.setenv(memory.LIMIT_ENV, f"{cap:.6f}")
+    out = str(tmp_path / "fit")
+    assert train.main(flags + ["--out_dir", out]) == 0
+    printed = capsys.readouterr().out
+    line = next(l for l in printed.splitlines() if l.startswith("micro-batch"))
+    assert line.startswith(f"micro-batch 8 x 8 accumulation steps = 64: fits {cap:.6f} GB (TRAIN_MEMORY_GB)"), line
+    assert "8 x 8 sequences per step" in printed
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert (ck["config"]["batch_size"], ck["config"]["grad_accum"]) == (8, 8)
+    # the same steps as typing the split (bit for bit), and the same sequences per step as the preset's 64 x 1
+    monkeypatch.delenv(memory.LIMIT_ENV)
+    typed = str(tmp_path / "typed")
+    assert train.main(flags + ["--out_dir", typed, "--batch_size", "8", "--grad_accum", "8"]) == 0
+    assert_same_weights(weights(os.path.join(out, "ckpt.pt")), weights(os.path.join(typed, "ckpt.pt")))
+    args.batch_size, args.grad_accum = 8, 8
+    split = train.plan_steps(24, 1, args)
+    args.batch_size, args.grad_accum = 64, 1
+    assert [sorted(sum(s, [])) for s in split] == [sorted(sum(s, [])) for s in train.plan_steps(24, 1, args)]
+    # not one that would drop the epoch's short last step: 1 x 64 would fit, but 24 sequences cannot fill 64
+    # micro-batches (plan_steps drops them), so 4 x 16, the nearest to fitting of those that keep it, and says so
+    args = train.parse_args(flags)
+    monkeypatch.setenv(memory.LIMIT_ENV, f"{(need(1) + need(2)) / 2 / memory.HEADROOM / 2**30:.6f}")
+    line = memory.fit_micro_batch(args, model, tokenized, torch.device("cpu"))
+    assert line.startswith("micro-batch 4 x 16 accumulation steps = 64: may not fit"), line
+    assert [sorted(sum(s, [])) for s in train.plan_steps(24, 0, args)] == [list(range(24))]
+    with pytest.raises(ValueError, match="cannot fill the 64 micro-batches"):
+        train.plan_steps(24, 0, argparse.Namespace(seed=0, batch_size=1, grad_accum=64))
+    monkeypatch.delenv(memory.LIMIT_ENV)
+    # a resumed run keeps its checkpoint's split, and may take another of the same product
+    capsys.readouterr()
+    assert train.main(["--out_dir", out, "--resume", "--epochs", "3", "--batch_size", "4", "--grad_accum", "16"]) == 0
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert (ck["config"]["batch_size"], ck["config"]["grad_accum"], ck["step"]) == (4, 16, 3)
+    capsys.readouterr()
+    assert train.main(["--out_dir", out, "--resume", "--epochs", "4", "--batch_size", "8", "--grad_accum", "4"]) == 1
+    assert "--batch_size 8 differs from the run's 4" in capsys.readouterr().err  # 32 per step: another run
+
+
+def test_a_typed_batch_is_kept_with_a_warning(data_dir, tmp_path, monkeypatch, capsys):
+    from machinery import memory
+    common = TINY + ["--data_dir", str(data_dir), "--epochs", "1"]
+    args = train.parse_args(common)
+    model, tok = train.make_model(args, None, load_split(str(data_dir), "tiny", "train"), torch.device("cpu"))
+    tokenized = [tokenize(r, tok) for r in load_split(str(data_dir), "tiny", "train")]
+    need = lambda m: memory.step_bytes(model, args, m, *memory.longest_sequence(tokenized, args, 128),
+                                       torch.device("cpu"))
+    monkeypatch.setenv(memory.LIMIT_ENV, f"{(need(1) + need(2)) / 2 / memory.HEADROOM / 2**30:.6f}")
+    assert train.main(common + ["--out_dir", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    warning = [l for l in printed.splitlines() if l.startswith("warning: micro-batch 2 needs about")]
+    assert len(warning) == 1 and warning[0].endswith("--batch_size 1 --grad_accum 4 keeps 4 per step"), printed
+    assert "2 x 2 sequences per step" in printed  # honoured
+    # not even one sequence: the state alone (fp32 at 8B on one GPU, say)
+    monkeypatch.setenv(memory.LIMIT_ENV, f"{need(0) / 2**30:.6f}")
+    assert train.main(common + ["--out_dir", str(tmp_path / "b")]) == 0
+    assert "warning: even one sequence per micro-batch needs about" in capsys.readouterr().out
+
+
+def test_out_of_memory_names_the_micro_batch(data_dir, tmp_path, monkeypatch, capsys):
+    import coconut
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(coconut.Coconut, "forward", oom)
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", str(tmp_path / "o"), "--batch_size", "4",
+                              "--grad_accum", "3"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("train.py: error: out of GPU memory at micro-batch 4: try --batch_size 2 --grad_accum 6 (the same "
+                   "12 sequences per step)"), err
+
+
+def test_the_resume_promise_waits_for_the_first_save(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "p")
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", out, "--epochs", "1", "--save_every", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    promise = [i for i, l in enumerate(lines) if "continues with" in l]
+    step4 = next(i for i, l in enumerate(lines) if "| step 4/6 " in l)
+    assert len(promise) == 1 and promise[0] == step4 + 1, lines
+    assert lines[promise[0]] == (f"saved {out}/ckpt.pt (step 4): from now on a run stopped in any way, even killed, "
+                                 f"continues with `python train.py --out_dir {out} --resume`")
+    assert any("until the first save, a run killed starts again" in l for l in lines[:step4])
+
+
+@pytest.mark.gpt2_bpe
+def test_the_cards_first_command_fits_24_gb(tmp_path, monkeypatch):
+    # `python train.py --dataset prosqa --stage_epochs 5` on a 24 GB machine: the default micro-batch of 32 was
+    # killed there (23.7 GB resident in its first step); the estimate says so, and picks one that fits, 128 a step
+    from machinery import memory
+    from coconut import Coconut
+    from gpt import GPT, GPTConfig
+    from machinery.tokenizer import gpt2_tokenizer
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prosqa", "prepare.py"), "--generate", "--out_dir",
+                        str(tmp_path / "prosqa"), "--n_train", "200", "--n_valid", "0", "--n_test", "0"],
+                       capture_output=True, text=True, env=dict(os.environ, **CPU_ONLY))
+    assert r.returncode == 0, r.stderr
+    args = train.parse_args(["--dataset", "prosqa", "--stage_epochs", "5"])
+    assert (args.batch_size, args.grad_accum) == (32, 4)
+    tok = gpt2_tokenizer()
+    tokenized = [tokenize(x, tok) for x in load_split(str(tmp_path), "prosqa", "train")]
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50260, block_size=1024, dropout=0.1))
+    model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id)  # GPT-2 124M's shape, as from gpt2
+    need = lambda m: memory.step_bytes(model, args, m, *memory.longest_sequence(tokenized, args, 1024),
+                                       torch.device("cpu"))
+    monkeypatch.setenv(memory.LIMIT_ENV, "24")
+    line = memory.fit_micro_batch(args, model, tokenized, torch.device("cpu"))
+    assert need(32) > 24 * 2**30  # what the kernel's OOM killer said
+    m = args.batch_size
+    assert line.startswith(f"micro-batch {m} x {128 // m} accumulation steps = 128: fits 24 GB") and m < 32, line
+    assert args.grad_accum == 128 // m and need(m) <= memory.HEADROOM * 24 * 2**30 < need(2 * m)
+
+
+def test_every_process_a_test_starts_is_pinned_to_the_cpu():
+    # how the suite was made to pass on 1- and 8-GPU machines without one here: every process a test starts
+    # (subprocess.run / Popen) gets conftest.CPU_ONLY in its environment (no CUDA device visible, gloo), in the
+    # call or in the helper that makes the call; only the data generators and an import check, which never
+    # touch torch's devices, go without
+    import ast
+    exempt = {"prepare.py", "sys.modules['matplotlib']"}  # data/*/prepare.py; test_plots' import check
+    tests = os.path.join(ROOT, "tests")
+    unpinned = []
+    for name in sorted(os.listdir(tests)):
+        if not name.startswith("test_") or not name.endswith(".py"):
+            continue
+        source = open(os.path.join(tests, name)).read()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            body = ast.get_source_segment(source, fn)
+            for call in ast.walk(fn):
+                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                        and call.func.attr in ("run", "Popen") and getattr(call.func.value, "id", "") == "subprocess"):
+                    text = ast.get_source_segment(source, call)
+                    if "CPU_ONLY" not in body and not any(e in body for e in exempt):
+                        unpinned.append(f"{name}:{call.lineno} {text.splitlines()[0]}")
+    assert not unpinned, unpinned
+
+
+def test_a_signal_repeated_at_once_or_during_a_save_is_the_same_stop(data_dir, tmp_path, monkeypatch, capsys):
+    import signal
+    # two Ctrl-Cs at once (a terminal's reaches torchrun too, which passes it on): the step ends, saves, stops
+    monkeypatch.setenv(SIGNAL_HOOK, "3:INT,3:INT")
+    out = str(tmp_path / "twice")
+    assert train.main(TINY + ["--data_dir", str(data_dir), "--out_dir", out, "--epochs", "1"]) == 130
+    assert stop_line(capsys).startswith(f"train.py: stopped at step 4; saved {out}/ckpt.pt: continue with")
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+    # during a save no signal cuts it short, even later than REPEAT_SECONDS; outside one, a later one does
+    monkeypatch.setattr(interrupt, "REPEAT_SECONDS", 0)
+    handlers = interrupt.install_signal_handlers()
+    try:
+        with interrupt.saving():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupt.STOP["requested"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        interrupt.restore_signal_handlers(handlers)
