@@ -86,19 +86,21 @@ def train(args):
                     optimizer = make_optimizer(model, args)
             model.train()
             meter = Meter(state["epoch_step"])
-            for k in range(state["epoch_step"], len(steps)):
-                if k in resets:  # iCoT: a fresh AdamW whenever more of the chain is removed
+            for step_in_epoch in range(state["epoch_step"], len(steps)):  # from where the epoch stands
+                if step_in_epoch in resets:  # iCoT: a fresh AdamW whenever more of the chain is removed
                     optimizer = make_optimizer(model, args)
-                loss, n_tokens, stop = train_step(step_model, examples, steps[k], args, tok, device, autocast)
+                loss, n_tokens, stop = train_step(step_model, examples, steps[step_in_epoch], args, tok, device,
+                                                  autocast)
                 if not math.isfinite(loss):
                     raise Diverged(f"loss is {loss} at step {state['step'] + 1} (epoch {epoch + 1}, "
-                                   f"{stage_name(stage, vars(args))}, batch {k + 1}/{len(steps)}); stopped without "
-                                   f"saving: {last_good(ckpt_path, saved)}")
+                                   f"{stage_name(stage, vars(args))}, batch {step_in_epoch + 1}/{len(steps)}); "
+                                   f"stopped without saving: {last_good(ckpt_path, saved)}")
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], total_steps, args)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                state.update(step=state["step"] + 1, epoch_step=k + 1, epoch_tokens=state["epoch_tokens"] + n_tokens,
+                state.update(step=state["step"] + 1, epoch_step=step_in_epoch + 1,
+                             epoch_tokens=state["epoch_tokens"] + n_tokens,
                              epoch_loss=[state["epoch_loss"][0] + loss, state["epoch_loss"][1] + 1])
                 run_eta = meter.progress(state, loss, n_tokens, len(steps), args)
                 if state["step"] == first_step + 1:
@@ -109,9 +111,9 @@ def train(args):
                     raise Interrupted(f"stopped at step {state['step']}; saved {ckpt_path}: continue with "
                                       f"`{continue_with(args)}`")
                 send_test_signal(state["step"])  # the tests' SIGKILL or SIGINT at an exact step
-            m, improved = validate(model, tok, val_tok, val_records, epoch, stage, args, device, autocast, state,
+            line, improved = validate(model, tok, val_tok, val_records, epoch, stage, args, device, autocast, state,
                                    meter.seconds())
-            state.update(epoch_complete=True, metrics=state["metrics"] + [m])
+            state.update(epoch_complete=True, metrics=state["metrics"] + [line])
             saved = save_checkpoint(model, optimizer, tok, args, state, device, ckpt_path, saved, best=improved)
             if parallel.any_rank(STOP["requested"]):  # agreed: a signal may reach the processes between steps
                 raise Interrupted(f"stopped after epoch {epoch + 1}; saved {ckpt_path}: continue with "
