@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import train
+from conftest import CPU_ONLY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "your-data.md")
@@ -38,7 +39,7 @@ def clone(tmp_path_factory):
 
 
 def run_block(block, clone):
-    env = dict(os.environ, PATH=f"{clone / 'bin'}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PATH=f"{clone / 'bin'}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1", **CPU_ONLY)
     return subprocess.run(["bash", "-e", "-c", block], cwd=clone, env=env, capture_output=True, text=True,
                           timeout=300)
 
