@@ -39,9 +39,11 @@ class Coconut(nn.Module):
         self.chunked_cache = True  # False: the plain, copying cache in training too (bench.py's "before")
         self.skip_unread = True    # False: the last block over every column in training too (bench.py --demo_step)
 
-    def forward(self, input_ids, attention_mask, labels, position_ids, with_logits=False):
+    def forward(self, input_ids, attention_mask, labels, position_ids, with_logits=False, label_sets=None):
         """
         input_ids, attention_mask, labels, position_ids: (B, L) from curriculum.collate.
+        label_sets: (B, L, K) token ids, -1 padding, or None: columns labelled with a set of tokens
+        (--thought_labels frontier; their labels are -100).
         -> (loss, logits (B, L, V) if with_logits else None)
         """
         # Position t predicts token t+1; -100 marks the question, the markers and the thoughts. lm_head
@@ -50,9 +52,16 @@ class Coconut(nn.Module):
         # last block, too, runs only in the columns that predict a label (gpt's out_cols).
         targets = labels[:, 1:]                                             # (B, L-1)
         scored = targets != -100
+        if label_sets is not None:  # a thought labelled with a set is scored too
+            sets = label_sets[:, 1:]                                        # (B, L-1, K)
+            scored = scored | (sets >= 0).any(-1)
         read = None if with_logits or not self.skip_unread else F.pad(scored.any(0), (0, 1))  # (L,)
         hidden, _ = self.think(input_ids, attention_mask, position_ids, read)  # (B, L, C)
-        loss = F.cross_entropy(self.gpt.lm_head(hidden[:, :-1][scored]), targets[scored])  # (N, V) -> mean
+        logits = self.gpt.lm_head(hidden[:, :-1][scored])                   # (N, V)
+        if label_sets is None:
+            loss = F.cross_entropy(logits, targets[scored])                 # mean over the N labels
+        else:
+            loss = set_cross_entropy(logits, targets[scored], sets[scored])
         return loss, (self.gpt.lm_head(hidden) if with_logits else None)
 
     def think(self, input_ids, attention_mask, position_ids, read=None):
@@ -151,6 +160,21 @@ class Coconut(nn.Module):
         if not return_thoughts:
             return out
         return out, [state["thoughts"][b, :int(state["n_thoughts"][b])] for b in range(B)]
+
+
+def set_cross_entropy(logits, targets, sets):
+    """
+    The mean over N labels of -log(the softmax mass on the label's tokens): a label is one token (targets,
+    the ordinary cross-entropy) or, where targets is -100, a set (sets). The loss of "Coconut-BFS" (Zhu et al.
+    2025, "Emergence of Superposition", arXiv 2509.23365, Appendix E.2): a thought may spread its guess over
+    the whole set at no cost, but not outside it.
+    logits: (N, V); targets: (N,); sets: (N, K) token ids, -1 padding. -> a scalar, in nats.
+    """
+    one = F.pad(targets[:, None], (0, sets.size(1) - 1), value=-1)         # (N, K): the target alone
+    members = torch.where(targets[:, None] != -100, one, sets)             # (N, K)
+    logp = F.log_softmax(logits.float(), dim=-1)                           # (N, V)
+    picked = logp.gather(1, members.clamp(min=0)).masked_fill(members < 0, float("-inf"))  # (N, K)
+    return -torch.logsumexp(picked, dim=1).mean()
 
 
 def _cols(read, start, end):

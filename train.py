@@ -177,7 +177,8 @@ def train_step(step_model, micro_batches, args, tok, device, autocast):
             # DDP averages the gradients over processes at the micro-batch that ends the step, not before
             with parallel.no_sync(step_model, last=j == len(micro_batches) - 1):
                 with autocast or contextlib.nullcontext():  # one call per micro-batch, its thoughts' passes inside
-                    loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+                    loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
+                                         label_sets=b.get("label_sets"))
                 (loss * (WORLD / args.grad_accum)).backward()  # DDP and FSDP divide by WORLD
             loss_sum += loss.item() / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
@@ -192,7 +193,7 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
     t0 = time.time()
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long,
-                              bool(args.markers), bool(args.thought_labels))
+                              bool(args.markers), args.thought_labels)
     next_stage = stage_for_epoch(epoch + 1, args.stage_epochs, args.mode, args.max_latent_stage)
     improved = False
     # FSDP: the weights gathered once for all of it (processes generate for different numbers of passes)
@@ -224,7 +225,8 @@ def validation_loss(model, examples, args, tok, device, autocast):
     for i in range(RANK, len(batches), WORLD):
         b = to_device(collate(batches[i], pad_id=tok.pad_id, latent_id=tok.latent_id), device)
         with autocast or contextlib.nullcontext():
-            loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+            loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
+                            label_sets=b.get("label_sets"))
         mine[i] = loss.item()
     losses = {i: x for part in parallel.gather(mine) for i, x in part.items()}
     model.train()
@@ -275,7 +277,7 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long,
-                              bool(args.markers), bool(args.thought_labels))
+                              bool(args.markers), args.thought_labels)
     return examples, plan_steps(len(examples), epoch, args), stage, set()
 
 

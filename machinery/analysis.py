@@ -600,7 +600,8 @@ def pieces(tokenized, example, tok, mode="coconut"):
     if mode in ("icot", "frontier"):
         raise ValueError(f"--losses names the pieces of Table 1's shapings by step; a {mode} sequence is cut "
                          f"inside its steps")
-    labelled = [i for i, x in zip(example["input_ids"], example["labels"]) if x != -100]
+    sets = example.get("label_sets", {})  # --thought_labels frontier: the thoughts' labels are sets
+    labelled = [i for j, (i, x) in enumerate(zip(example["input_ids"], example["labels"])) if x != -100 or j in sets]
     n_thoughts = labelled.count(tok.latent_id)
     a = list(tokenized.answer)
     marker = tok.encode("###")
@@ -621,7 +622,7 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
     """
     examples = [make_example(t, stage, cfg.get("mode", "coconut"), cfg.get("c_thought", 1),
                              cfg.get("max_latent_stage", 6), cfg.get("pad_latent_to_max", True), 0.0, None, tok,
-                             bool(cfg.get("markers", 1)), bool(cfg.get("thought_labels", 0))) for t in tokenized]
+                             bool(cfg.get("markers", 1)), cfg.get("thought_labels", 0)) for t in tokenized]
     device = next(model.parameters()).device
     sums = {}
     for i in range(0, len(examples), batch_size):
@@ -631,8 +632,17 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
         targets = b["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
         hits = logits[:, :-1].argmax(-1) == targets
+        scored = targets != -100
+        if "label_sets" in b:  # a set label: -log of the set's softmax mass; a hit when the argmax is in the set
+            sets = b["label_sets"][:, 1:]                                            # (B, L-1, K)
+            in_set = sets >= 0
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                     # (B, L-1, V)
+            picked = logp.gather(2, sets.clamp(min=0)).masked_fill(~in_set, float("-inf"))
+            losses = torch.where(in_set.any(-1), -torch.logsumexp(picked, -1), losses)
+            hits = torch.where(in_set.any(-1), ((logp.argmax(-1)[..., None] == sets) & in_set).any(-1), hits)
+            scored = scored | in_set.any(-1)
         for r, (t, e) in enumerate(zip(tokenized[i:i + batch_size], chunk)):
-            cols = (targets[r] != -100).nonzero().flatten().tolist()
+            cols = scored[r].nonzero().flatten().tolist()
             for name, c in zip(pieces(t, e, tok, cfg.get("mode", "coconut")), cols):
                 acc = sums.setdefault(name, [0.0, 0, 0])
                 acc[0] += losses[r, c].item()

@@ -65,8 +65,8 @@ def test_gpt2_tokenizer_ids_and_decoding():
 
 @pytest.mark.gpt2_bpe
 def test_tokenize_handmade():
-    q, steps, a, hops = tokenize(R)
-    assert hops is None  # no graph fields
+    q, steps, a, hops, from_root = tokenize(R)
+    assert hops is None and from_root is None  # no graph fields
     assert (q, steps, a) == (Q, [S1, S2], A)
     assert tokenize(R) == Tokenized(Q, [S1, S2], A)
 
