@@ -129,7 +129,7 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     if thought_labels and mode in ("coconut", "pause_as_thought", "no_curriculum") and c > 0:
         first = 1 if markers else 0
         if thought_labels in SET_LABELS:  # the first of thought j's c columns: the set search reached at j+1
-            sets = thought_sets(tokenized, thought_labels, min(skip, n))
+            sets = thought_sets(tokenized, thought_labels, n)
             label_sets = {len(q) + first + j * c: ids for j, ids in enumerate(sets) if ids}
         else:
             for j, step in enumerate(steps[:min(skip, n)]):  # the first of step j's c thoughts names step j's first token
@@ -145,22 +145,28 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
 # (Zhu et al. 2025, "Emergence of Superposition", arXiv 2509.23365, its Coconut-BFS loss, Appendix E.2):
 #   frontier   thought k: the nodes exactly k edges from the root (the frontier of a breadth-first search)
 #   within     thought k: every node at most k edges from the root, the root included (all it has reached)
-# A set names how far the search has gone, never which branch leads to an option.
+# A set names how far the search has gone, never which branch leads to an option. A thought past the record's
+# steps (--max_latent_stage above the hops) is labelled with the options the search has reached: the target.
 SET_LABELS = ("frontier", "within")
 
 
 def thought_sets(tokenized, kind, n_thoughts):
     """
     The set labels of thoughts 1..n_thoughts of a graph record, kind "frontier" or "within" (SET_LABELS):
-    -> a list of n_thoughts sorted lists of distinct token ids (each node's first token; [] past the
-    graph's depth). Raises ValueError for a record without graph fields (Tokenized.from_root).
+    -> a list of n_thoughts sorted lists of distinct token ids (each node's first token). Thought k up to the
+    record's steps: ring k of Tokenized.from_root (within: rings 0..k); past them, the target (the last of
+    Tokenized.hops; [] without one). Raises ValueError for a record without graph fields.
     """
     if tokenized.from_root is None:
         raise ValueError(f"--thought_labels {kind} needs graph records (idx_to_symbol, edges, root: data/reach, "
                          f"prosqa_graph, ProsQA): this data has none; use --thought_labels 0 or 1")
     rings = [sorted({name[0] for name in ring if name}) for ring in tokenized.from_root]
+    reached = sorted({name[0] for name in tokenized.hops[-1] if name}) if tokenized.hops else []
     sets = []
     for k in range(1, n_thoughts + 1):
+        if k > len(tokenized.steps):
+            sets.append(reached)
+            continue
         ring = rings[k] if k < len(rings) else []
         sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind == "within" and ring else ring)
     return sets

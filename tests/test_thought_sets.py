@@ -69,9 +69,13 @@ def test_the_sets_stage_by_stage(tok, markers):
         assert names(tok, e["label_sets"][len(q) + 1]) == {"c", "d"}
     for mode in ("cot", "nocot"):
         assert "label_sets" not in C.make_example(t, 2, mode, max_latent_stage=3, tok=tok, thought_labels="frontier")
-    # a thought past the graph's depth (M = 5 thoughts, 3 steps) gets no set, as it gets no step
-    e = C.make_example(t, 6, "coconut", max_latent_stage=5, tok=tok, markers=False, thought_labels="frontier")
-    assert sorted(e["label_sets"]) == [len(q), len(q) + 1, len(q) + 2]
+    # the thoughts past the steps (M = 5 thoughts, 3 steps): the options the search has reached, the target
+    for stage in (5, 6):
+        for kind in ("frontier", "within"):
+            e = C.make_example(t, stage, "coconut", max_latent_stage=5, tok=tok, markers=False, thought_labels=kind)
+            assert sorted(e["label_sets"]) == [len(q) + j for j in range(5)]
+            assert [names(tok, e["label_sets"][len(q) + j]) for j in (2, 3, 4)] == \
+                [(frontier if kind == "frontier" else within)[2], {"t"}, {"t"}]
 
 
 def hand_loss(model, tok, examples):
