@@ -515,24 +515,31 @@ def layer_split(probs, record, layer, width):
     One position, one record. probs: each node's probability (idx_to_symbol order) under a softmax over
     the whole vocabulary (lm_head of a thought, or CoT's next-token distribution). -> dict(layer=the mass
     on the layer's nodes, out of 1; then for each LAYER_GROUPS group its share of that mass, renormalised
-    over the layer so the four sum to 1 (0 each when the layer has no mass); n_<group>: its nodes).
+    over the layer so the four sum to 1 (0 each when the layer has no mass); n_<group>: its nodes; top: the
+    share of the layer's most probable node (1: one node holds it all; 1/3: spread over three); top_gold: 1.0
+    if that node is the gold one, else 0.0).
     """
     groups = layer_groups(record, layer, width)
     mass = {g: sum(float(probs[v]) for v in groups[g]) for g in LAYER_GROUPS}
     total = sum(mass.values())
     out = dict(layer=total, **{g: (mass[g] / total if total > 0 else 0.0) for g in LAYER_GROUPS})
     out.update({f"n_{g}": len(groups[g]) for g in LAYER_GROUPS})
+    # One record's thought, not the mean: a third on gold on average may be a third on each branch in every
+    # question (a search that holds them all), or all of it on one branch drawn anew each question.
+    layer_nodes = range(layer * width, (layer + 1) * width)
+    top = max(layer_nodes, key=lambda v: float(probs[v]))
+    out.update(top=float(probs[top]) / total if total > 0 else 0.0, top_gold=float(top in groups["gold"]))
     return out
 
 
 def average_splits(splits_by_position):
-    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>)], means
+    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>, top, top_gold)], means
     over the records (each weighs the same), in order of k."""
     rows = []
     for k in sorted(splits_by_position):
         ss = splits_by_position[k]
         row = dict(position=k, records=len(ss))
-        for key in ("layer",) + LAYER_GROUPS + tuple(f"n_{g}" for g in LAYER_GROUPS):
+        for key in ("layer",) + LAYER_GROUPS + tuple(f"n_{g}" for g in LAYER_GROUPS) + ("top", "top_gold"):
             row[key] = sum(s[key] for s in ss) / len(ss) if ss else float("nan")
         rows.append(row)
     return rows
