@@ -147,7 +147,16 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
 #   within     thought k: every node at most k edges from the root, the root included (all it has reached)
 # A set names how far the search has gone, never which branch leads to an option. A thought past the record's
 # steps (--max_latent_stage above the hops) is labelled with the options the search has reached: the target.
-SET_LABELS = ("frontier", "within")
+# The loss is -log of the set's softmax mass, which one member alone can satisfy; with "_uniform" it is the
+# cross-entropy against an even spread over the set (the mean of -log p over its members), which only a thought
+# holding every member evenly minimises (what the frontier curriculum's one member drawn at random asks for,
+# in expectation).
+SET_LABELS = ("frontier", "within", "frontier_uniform", "within_uniform")
+
+
+def spreads(thought_labels):
+    """Is the loss of these set labels the cross-entropy against an even spread over the set (SET_LABELS)?"""
+    return isinstance(thought_labels, str) and thought_labels.endswith("_uniform")
 
 
 def thought_sets(tokenized, kind, n_thoughts):
@@ -168,7 +177,7 @@ def thought_sets(tokenized, kind, n_thoughts):
             sets.append(reached)
             continue
         ring = rings[k] if k < len(rings) else []
-        sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind == "within" and ring else ring)
+        sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind.startswith("within") and ring else ring)
     return sets
 
 

@@ -35,7 +35,7 @@ from machinery.checkpoint import (LATENT_MODES, checkpoint_body, drop_unused_sha
                         load_checkpoint, read_checkpoint, resolve_device, save_atomic, shards_folder,
                         tokenizer_from_checkpoint)
 from coconut import Coconut
-from curriculum import build_examples, collate, make_question, prompt, stage_for_epoch
+from curriculum import build_examples, collate, make_question, prompt, spreads, stage_for_epoch
 from machinery.evaluate import evaluate, summarize_outputs
 from machinery.icot import icot_epoch
 from machinery.interrupt import STOP, install_signal_handlers, restore_signal_handlers, send_test_signal
@@ -178,7 +178,7 @@ def train_step(step_model, micro_batches, args, tok, device, autocast):
             with parallel.no_sync(step_model, last=j == len(micro_batches) - 1):
                 with autocast or contextlib.nullcontext():  # one call per micro-batch, its thoughts' passes inside
                     loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
-                                         label_sets=b.get("label_sets"))
+                                         label_sets=b.get("label_sets"), spread=spreads(args.thought_labels))
                 (loss * (WORLD / args.grad_accum)).backward()  # DDP and FSDP divide by WORLD
             loss_sum += loss.item() / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
@@ -226,7 +226,7 @@ def validation_loss(model, examples, args, tok, device, autocast):
         b = to_device(collate(batches[i], pad_id=tok.pad_id, latent_id=tok.latent_id), device)
         with autocast or contextlib.nullcontext():
             loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
-                            label_sets=b.get("label_sets"))
+                            label_sets=b.get("label_sets"), spread=spreads(args.thought_labels))
         mine[i] = loss.item()
     losses = {i: x for part in parallel.gather(mine) for i, x in part.items()}
     model.train()

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
-from curriculum import collate, make_example, prompt
+from curriculum import collate, make_example, prompt, spreads
 from machinery.evaluate import generate_batched
 from machinery.records import bfs
 
@@ -644,8 +644,12 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
             sets = b["label_sets"][:, 1:]                                            # (B, L-1, K)
             in_set = sets >= 0
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                     # (B, L-1, V)
-            picked = logp.gather(2, sets.clamp(min=0)).masked_fill(~in_set, float("-inf"))
-            losses = torch.where(in_set.any(-1), -torch.logsumexp(picked, -1), losses)
+            picked = logp.gather(2, sets.clamp(min=0))
+            if spreads(cfg.get("thought_labels")):  # the mean of -log p over the set's members
+                set_loss = -(picked * in_set).sum(-1) / in_set.sum(-1).clamp(min=1)
+            else:
+                set_loss = -torch.logsumexp(picked.masked_fill(~in_set, float("-inf")), -1)
+            losses = torch.where(in_set.any(-1), set_loss, losses)
             hits = torch.where(in_set.any(-1), ((logp.argmax(-1)[..., None] == sets) & in_set).any(-1), hits)
             scored = scored | in_set.any(-1)
         for r, (t, e) in enumerate(zip(tokenized[i:i + batch_size], chunk)):

@@ -78,9 +78,10 @@ def test_the_sets_stage_by_stage(tok, markers):
                 [(frontier if kind == "frontier" else within)[2], {"t"}, {"t"}]
 
 
-def hand_loss(model, tok, examples):
+def hand_loss(model, tok, examples, spread=False):
     """The formula, written out: every labelled column j of every unpadded sequence, run one pass per thought
-    (test_coconut's reference); -log softmax(logits[j-1])[label], or -log sum over the set; the mean of all."""
+    (test_coconut's reference); -log softmax(logits[j-1])[label], or -log sum over the set (spread: the mean
+    of -log p over the set); the mean of all."""
     terms = []
     for e in examples:
         p = F.softmax(naive_logits(model, e["input_ids"], tok).double(), dim=-1)  # (T, V)
@@ -88,11 +89,13 @@ def hand_loss(model, tok, examples):
             if e["labels"][j] != -100:
                 terms.append(-torch.log(p[j - 1, e["labels"][j]]))
             if j in e.get("label_sets", {}):
-                terms.append(-torch.log(sum(p[j - 1, v] for v in e["label_sets"][j])))
+                members = e["label_sets"][j]
+                terms.append(-sum(torch.log(p[j - 1, v]) for v in members) / len(members) if spread else
+                             -torch.log(sum(p[j - 1, v] for v in members)))
     return torch.stack(terms).mean(), len(terms)
 
 
-@pytest.mark.parametrize("kind", ["frontier", "within"])
+@pytest.mark.parametrize("kind", ["frontier", "within", "frontier_uniform", "within_uniform"])
 def test_the_loss_is_minus_log_of_the_sets_mass(tok, kind):
     model = tiny_model(tok)
     t = tokenize(RECORD, tok)
@@ -101,23 +104,36 @@ def test_the_loss_is_minus_log_of_the_sets_mass(tok, kind):
            for s in (1, 3, 0)]
     b = C.collate(exs, pad_id=tok.pad_id, latent_id=tok.latent_id)
     assert b["label_sets"].shape[:2] == b["input_ids"].shape and (b["label_sets"] >= 0).any(-1).sum() == 1 + 3
+    spread = C.spreads(kind)
+    assert spread == kind.endswith("_uniform")
     with torch.no_grad():
         loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
-                        label_sets=b["label_sets"])
-        ref, _ = hand_loss(model, tok, exs)
+                        label_sets=b["label_sets"], spread=spread)
+        ref, _ = hand_loss(model, tok, exs, spread)
         torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
         # batching: the batch's loss is the mean of every sequence's labels, each sequence alone weighted by them
         alone = []
         for e in exs:
             one = C.collate([e], pad_id=tok.pad_id, latent_id=tok.latent_id)
             x, _ = model(one["input_ids"], one["attention_mask"], one["labels"], one["position_ids"],
-                         label_sets=one.get("label_sets"))
+                         label_sets=one.get("label_sets"), spread=spread)
             alone.append((x, hand_loss(model, tok, [e])[1]))
         torch.testing.assert_close(loss, sum(x * n for x, n in alone) / sum(n for _, n in alone), atol=1e-6, rtol=1e-6)
         # padding the sets: more -1 columns change nothing, bit for bit
         wider = F.pad(b["label_sets"], (0, 4), value=-1)
-        again, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], label_sets=wider)
+        again, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], label_sets=wider,
+                         spread=spread)
         assert torch.equal(again, loss)
+
+
+def test_one_member_satisfies_the_mass_but_not_the_spread():
+    # a set of three: all the mass on one member costs nothing under -log(mass); only an even spread minimises
+    # the spread loss, at log 3
+    sets, targets = torch.tensor([[0, 1, 2]]), torch.tensor([-100])
+    one, even = torch.tensor([[30.0, 0, 0, 0]]), torch.tensor([[30.0, 30, 30, 0]])
+    assert set_cross_entropy(one, targets, sets) < 1e-9 and set_cross_entropy(even, targets, sets) < 1e-9
+    assert set_cross_entropy(one, targets, sets, spread=True) > 19
+    torch.testing.assert_close(set_cross_entropy(even, targets, sets, spread=True), torch.tensor(3.0).log())
 
 
 def test_a_set_of_one_is_the_ordinary_label(tok):
@@ -175,7 +191,7 @@ def test_data_without_a_graph_is_one_line(tok, tmp_path):
     r = run_cli(TINY + ["--data_dir", str(d), "--out_dir", str(tmp_path / "run"), "--thought_labels", "frontier"])
     one_error_line(r, 1, "--thought_labels frontier needs graph records")
     r = run_cli(TINY + ["--data_dir", str(d), "--out_dir", str(tmp_path / "run"), "--thought_labels", "2"])
-    one_error_line(r, 2, "--thought_labels", "expected 0, 1, frontier or within")
+    one_error_line(r, 2, "--thought_labels", "expected 0, 1, frontier, within, frontier_uniform")
 
 
 REACH = ["--dataset", "reach", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
