@@ -77,9 +77,10 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
                  pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None, markers=True, thought_labels=False):
     """
     One training sequence: {"input_ids": [...], "labels": [...]} with -100 on the question, the
-    markers and the latents (and with set labels, "label_sets": {column: [token ids]}). With uniform_prob p (curriculum modes only), a record trains at a stage
-    drawn uniformly from 0..len(steps) with probability p: like the official code, one rng.random()
-    per record and a choice() only when it fires (rng defaults to the random module itself).
+    markers and the latents (with set labels also "label_sets": {column: [token ids]}). With uniform_prob p
+    (curriculum modes only), a record trains at a stage drawn uniformly from 0..len(steps) with probability p:
+    like the official code, one rng.random() per record and a choice() only when it fires (rng defaults to the
+    random module itself).
     markers=False leaves out <start> and <end> around the thoughts (as "Reasoning by Superposition"
     does): then thought 1 is the hidden state of the question's last token, the one that at stage 0
     was trained to name the first step. thought_labels=True (coconut, pause_as_thought, no_curriculum) keeps,
@@ -89,8 +90,9 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     frontier curriculum of "Reasoning by Superposition". With one-token steps and c = 1 (the demo's data),
     Coconut's labels are then exactly CoT's, and the two differ only in what comes next: the step's token
     (the gold one in training, the model's own pick when it answers), or the whole hidden state.
-    thought_labels "frontier" or "within" (SET_LABELS, graph records) labels those same columns with a set of
-    nodes instead (thought_sets), whose softmax mass coconut.Coconut's loss raises; their "labels" stay -100.
+    thought_labels "frontier", "within" and their "_uniform" forms (SET_LABELS, graph records) label those
+    columns with a set of nodes instead (thought_sets), every thought's (also past the steps, with
+    --max_latent_stage above them); their "labels" stay -100, and coconut.set_cross_entropy is their loss.
     """
     _check_mode(mode)
     if mode == "icot":
@@ -132,7 +134,7 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
             sets = thought_sets(tokenized, thought_labels, n)
             label_sets = {len(q) + first + j * c: ids for j, ids in enumerate(sets) if ids}
         else:
-            for j, step in enumerate(steps[:min(skip, n)]):  # the first of step j's c thoughts names step j's first token
+            for j, step in enumerate(steps[:min(skip, n)]):  # step j's first c thought names its first token
                 if step:
                     labels[first + j * c] = step[0]
     example = {"input_ids": q + thought + rest, "labels": [-100] * len(q) + labels + rest}
@@ -161,7 +163,7 @@ def spreads(thought_labels):
 
 def thought_sets(tokenized, kind, n_thoughts):
     """
-    The set labels of thoughts 1..n_thoughts of a graph record, kind "frontier" or "within" (SET_LABELS):
+    The set labels of thoughts 1..n_thoughts of a graph record, kind one of SET_LABELS:
     -> a list of n_thoughts sorted lists of distinct token ids (each node's first token). Thought k up to the
     record's steps: ring k of Tokenized.from_root (within: rings 0..k); past them, the target (the last of
     Tokenized.hops; [] without one). Raises ValueError for a record without graph fields.

@@ -516,7 +516,8 @@ def layer_split(model, tok, records, tokenized, prompts, cfg, args):
     print("one question at a time: the share of the layer's mass on its most probable node (1: all on one node; "
           "a third: spread over three branches), and how often that node is the gold one")
     for r in table:
-        print(f"  {what} {r['position']}: top node {r['top']:.3f} of the layer, the gold node in {100 * r['top_gold']:.1f}%")
+        print(f"  {what} {r['position']}: top node {r['top']:.3f} of the layer, the gold node in "
+              f"{100 * r['top_gold']:.1f}%")
     return table
 
 

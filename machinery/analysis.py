@@ -533,7 +533,8 @@ def layer_split(probs, record, layer, width):
 
 
 def average_splits(splits_by_position):
-    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>, top, top_gold)], means
+    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>, top,
+    top_gold)], means
     over the records (each weighs the same), in order of k."""
     rows = []
     for k in sorted(splits_by_position):

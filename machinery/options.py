@@ -49,7 +49,8 @@ def build_parser(doc):
     d.add_argument("--markers", type=int, default=None, choices=(0, 1),
                    help="1: <|start-latent|> and <|end-latent|> around the thoughts (the paper; the default); 0: bare "
                         "thoughts, as in 'Reasoning by Superposition' (reach, the demo's data)")
-    d.add_argument("--thought_labels", type=thought_labels, default=None, metavar="{0,1,frontier,within,frontier_uniform,within_uniform}",
+    d.add_argument("--thought_labels", type=thought_labels, default=None,
+                   metavar="{0,1,frontier,within,frontier_uniform,within_uniform}",
                    help="1: the first thought of each removed step keeps that step's first token as its label; "
                         "with one-token steps and c = 1, Coconut then learns from CoT's labels (reach, the demo's "
                         "data); 0: no loss on thoughts, as in the paper; frontier: thought k is labelled with the "
