@@ -534,8 +534,7 @@ def layer_split(probs, record, layer, width):
 
 def average_splits(splits_by_position):
     """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>, top,
-    top_gold)], means
-    over the records (each weighs the same), in order of k."""
+    top_gold)], means over the records (each weighs the same), in order of k."""
     rows = []
     for k in sorted(splits_by_position):
         ss = splits_by_position[k]
