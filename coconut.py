@@ -37,9 +37,12 @@ class Coconut(nn.Module):
         # feedback=False is the "pause as thought" baseline: <|latent|> stays an ordinary token.
         self.feedback = feedback
 
-    def forward(self, input_ids, attention_mask, labels, position_ids, with_logits=False):
+    def forward(self, input_ids, attention_mask, labels, position_ids, with_logits=False, label_sets=None,
+                spread=False):
         """
         input_ids, attention_mask, labels, position_ids: (B, L) from curriculum.collate.
+        label_sets: (B, L, K) token ids, -1 padding, or None: columns labelled with a set of tokens
+        (--thought_labels frontier; their labels are -100); spread: their loss (set_cross_entropy).
         -> (loss, logits (B, L, V) if with_logits else None)
         """
         # Position t predicts token t+1; -100 marks the question, the markers and the thoughts. lm_head
@@ -48,9 +51,16 @@ class Coconut(nn.Module):
         # last block, too, runs only in the columns that predict a label (gpt's out_cols).
         targets = labels[:, 1:]                                             # (B, L-1)
         scored = targets != -100
+        if label_sets is not None:  # a thought labelled with a set is scored too
+            sets = label_sets[:, 1:]                                        # (B, L-1, K)
+            scored = scored | (sets >= 0).any(-1)
         read = None if with_logits else F.pad(scored.any(0), (0, 1))  # (L,)
         hidden, _ = self.think(input_ids, attention_mask, position_ids, read)  # (B, L, C)
-        loss = F.cross_entropy(self.gpt.lm_head(hidden[:, :-1][scored]), targets[scored])  # (N, V) -> mean
+        logits = self.gpt.lm_head(hidden[:, :-1][scored])                   # (N, V)
+        if label_sets is None:
+            loss = F.cross_entropy(logits, targets[scored])                 # mean over the N labels
+        else:
+            loss = set_cross_entropy(logits, targets[scored], sets[scored], spread)
         return loss, (self.gpt.lm_head(hidden) if with_logits else None)
 
     def think(self, input_ids, attention_mask, position_ids, read=None):
@@ -153,6 +163,26 @@ class Coconut(nn.Module):
         if not return_thoughts:
             return out
         return out, [state["thoughts"][b, :int(state["n_thoughts"][b])] for b in range(B)]
+
+
+def set_cross_entropy(logits, targets, sets, spread=False):
+    """
+    The mean over N labels of -log(the softmax mass on the label's tokens): a label is one token (targets,
+    the ordinary cross-entropy) or, where targets is -100, a set (sets). The loss of "Coconut-BFS" (Zhu et al.
+    2025, "Emergence of Superposition", arXiv 2509.23365, Appendix E.2): a thought may spread its guess over
+    the whole set at no cost, but not outside it; all of it on one member costs nothing either.
+    spread=True: a set's loss is instead the mean of -log p over its members (the cross-entropy against an
+    even spread over the set), whose minimum holds every member.
+    logits: (N, V); targets: (N,); sets: (N, K) token ids, -1 padding. -> a scalar, in nats.
+    """
+    one = F.pad(targets[:, None], (0, sets.size(1) - 1), value=-1)         # (N, K): the target alone
+    members = torch.where(targets[:, None] != -100, one, sets)             # (N, K)
+    logp = F.log_softmax(logits.float(), dim=-1)                           # (N, V)
+    picked = logp.gather(1, members.clamp(min=0))                          # (N, K)
+    inside = members >= 0
+    if spread:
+        return -((picked * inside).sum(1) / inside.sum(1)).mean()
+    return -torch.logsumexp(picked.masked_fill(~inside, float("-inf")), dim=1).mean()
 
 
 def _cols(read, start, end):

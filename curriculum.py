@@ -77,9 +77,10 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
                  pad_latent_to_max=True, uniform_prob=0.0, rng=None, tok=None, markers=True, thought_labels=False):
     """
     One training sequence: {"input_ids": [...], "labels": [...]} with -100 on the question, the
-    markers and the latents. With uniform_prob p (curriculum modes only), a record trains at a stage
-    drawn uniformly from 0..len(steps) with probability p: like the official code, one rng.random()
-    per record and a choice() only when it fires (rng defaults to the random module itself).
+    markers and the latents (with set labels also "label_sets": {column: [token ids]}). With uniform_prob p
+    (curriculum modes only), a record trains at a stage drawn uniformly from 0..len(steps) with probability p:
+    like the official code, one rng.random() per record and a choice() only when it fires (rng defaults to the
+    random module itself).
     markers=False leaves out <start> and <end> around the thoughts (as "Reasoning by Superposition"
     does): then thought 1 is the hidden state of the question's last token, the one that at stage 0
     was trained to name the first step. thought_labels=True (coconut, pause_as_thought, no_curriculum) keeps,
@@ -89,6 +90,9 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     frontier curriculum of "Reasoning by Superposition". With one-token steps and c = 1 (the demo's data),
     Coconut's labels are then exactly CoT's, and the two differ only in what comes next: the step's token
     (the gold one in training, the model's own pick when it answers), or the whole hidden state.
+    thought_labels "frontier", "within" and their "_uniform" forms (SET_LABELS, graph records) label those
+    columns with a set of nodes instead (thought_sets), every thought's (also past the steps, with
+    --max_latent_stage above them); their "labels" stay -100, and coconut.set_cross_entropy is their loss.
     """
     _check_mode(mode)
     if mode == "icot":
@@ -123,12 +127,60 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
 
     rest = [t for s in kept for t in s] + a  # the language the loss is on
     labels = [-100] * len(thought)
+    label_sets = None
     if thought_labels and mode in ("coconut", "pause_as_thought", "no_curriculum") and c > 0:
         first = 1 if markers else 0
-        for j, step in enumerate(steps[:min(skip, n)]):  # the first of step j's c thoughts names step j's first token
-            if step:
-                labels[first + j * c] = step[0]
-    return {"input_ids": q + thought + rest, "labels": [-100] * len(q) + labels + rest}
+        if thought_labels in SET_LABELS:  # the first of thought j's c columns: the set search reached at j+1
+            sets = thought_sets(tokenized, thought_labels, n)
+            label_sets = {len(q) + first + j * c: ids for j, ids in enumerate(sets) if ids}
+        else:
+            for j, step in enumerate(steps[:min(skip, n)]):  # step j's first c thought names its first token
+                if step:
+                    labels[first + j * c] = step[0]
+    example = {"input_ids": q + thought + rest, "labels": [-100] * len(q) + labels + rest}
+    if label_sets is not None:
+        example["label_sets"] = label_sets
+    return example
+
+
+# --thought_labels: 0 (the paper: no loss on thoughts), 1 (the gold step's first token), or a set of nodes
+# (Zhu et al. 2025, "Emergence of Superposition", arXiv 2509.23365, its Coconut-BFS loss, Appendix E.2):
+#   frontier   thought k: the nodes exactly k edges from the root (the frontier of a breadth-first search)
+#   within     thought k: every node at most k edges from the root, the root included (all it has reached)
+# A set names how far the search has gone, never which branch leads to an option. A thought past the record's
+# steps (--max_latent_stage above the hops) is labelled with the options the search has reached: the target.
+# The loss is -log of the set's softmax mass, which one member alone can satisfy; with "_uniform" it is the
+# cross-entropy against an even spread over the set (the mean of -log p over its members), which only a thought
+# holding every member evenly minimises (what the frontier curriculum's one member drawn at random asks for,
+# in expectation).
+SET_LABELS = ("frontier", "within", "frontier_uniform", "within_uniform")
+
+
+def spreads(thought_labels):
+    """Is the loss of these set labels the cross-entropy against an even spread over the set (SET_LABELS)?"""
+    return isinstance(thought_labels, str) and thought_labels.endswith("_uniform")
+
+
+def thought_sets(tokenized, kind, n_thoughts):
+    """
+    The set labels of thoughts 1..n_thoughts of a graph record, kind one of SET_LABELS:
+    -> a list of n_thoughts sorted lists of distinct token ids (each node's first token). Thought k up to the
+    record's steps: ring k of Tokenized.from_root (within: rings 0..k); past them, the target (the last of
+    Tokenized.hops; [] without one). Raises ValueError for a record without graph fields.
+    """
+    if tokenized.from_root is None:
+        raise ValueError(f"--thought_labels {kind} needs graph records (idx_to_symbol, edges, root: data/reach, "
+                         f"prosqa_graph, ProsQA): this data has none; use --thought_labels 0 or 1")
+    rings = [sorted({name[0] for name in ring if name}) for ring in tokenized.from_root]
+    reached = sorted({name[0] for name in tokenized.hops[-1] if name}) if tokenized.hops else []
+    sets = []
+    for k in range(1, n_thoughts + 1):
+        if k > len(tokenized.steps):
+            sets.append(reached)
+            continue
+        ring = rings[k] if k < len(rings) else []
+        sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind.startswith("within") and ring else ring)
+    return sets
 
 
 def make_frontier_example(tokenized, stage, max_latent_stage=6, uniform_prob=0.0, rng=None, tok=None):
@@ -269,7 +321,8 @@ def collate(examples, pad_id=50256, latent_id=50259):
     them). Each sequence that has a <|latent|> is first left-padded so that its first latent sits in
     the same column as the latest first latent in the batch: then the model fills thought i of every
     sequence in the same pass. Then all are right-padded to the longest. Pads get pad_id, label -100,
-    mask 0 and position 0; real tokens keep positions 0..len-1 wherever they sit.
+    mask 0 and position 0; real tokens keep positions 0..len-1 wherever they sit. Examples with set labels
+    (make_example's "label_sets") add "label_sets" (B, L, K): collate_sets.
     """
     if not examples:
         raise ValueError("collate: empty batch")
@@ -302,4 +355,17 @@ def collate(examples, pad_id=50256, latent_id=50259):
              "position_ids": torch.from_numpy(pos)}
     if lab is not None:
         batch["labels"] = torch.from_numpy(lab)
+    if any(isinstance(e, dict) and "label_sets" in e for e in examples):
+        batch["label_sets"] = collate_sets([e.get("label_sets", {}) for e in examples], left, width)
     return batch
+
+
+def collate_sets(label_sets, left, width):
+    """The set labels of a batch: {column: [token ids]} per sequence, shifted by its left padding -> a LongTensor
+    (B, width, K), K the largest set, -1 wherever there is no member (and in every column without a set)."""
+    K = max((len(ids) for s in label_sets for ids in s.values()), default=1)
+    sets = np.full((len(label_sets), width, K), -1, np.int64)
+    for b, (p, s) in enumerate(zip(left, label_sets)):
+        for col, ids in s.items():
+            sets[b, p + col, :len(ids)] = ids
+    return torch.from_numpy(sets)

@@ -27,7 +27,7 @@ import time
 import torch
 
 from coconut import Coconut
-from curriculum import build_examples, collate, make_question, stage_for_epoch, stage_name
+from curriculum import build_examples, collate, make_question, spreads, stage_for_epoch, stage_name
 from machinery import demo, memory, parallel, resume
 from machinery.checkpoint import first_line, gpt_from_checkpoint, init_model, resolve_device, tokenizer_from_checkpoint
 from machinery.evaluate import evaluate, summarize_outputs
@@ -142,7 +142,8 @@ def train_step(step_model, examples, step, args, tok, device, autocast):
             # DDP and FSDP reduce the gradients over processes at the micro-batch that ends the step, not before
             with parallel.no_sync(step_model, last=j == len(micro_batches) - 1):
                 with autocast:  # Coconut: n thoughts, n + 1 passes, the loss on the language after them
-                    loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+                    loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
+                                         label_sets=b.get("label_sets"), spread=spreads(args.thought_labels))
                 (loss * (parallel.world() / args.grad_accum)).backward()  # DDP and FSDP divide by the processes
             loss_sum += loss.item() / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
@@ -157,7 +158,7 @@ def validate(model, tok, tokenized, records, epoch, stage, args, device, autocas
     t0 = time.time()
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), 0.0, None, tok, model.gpt.config.block_size, args.skip_long,
-                              bool(args.markers), bool(args.thought_labels))
+                              bool(args.markers), args.thought_labels)
     next_stage = stage_for_epoch(epoch + 1, args.stage_epochs, args.mode, args.max_latent_stage)
     improved = False
     # FSDP: the weights gathered once for all of it (processes generate for different numbers of passes)
@@ -189,7 +190,8 @@ def validation_loss(model, examples, args, tok, device, autocast):
     for i in range(parallel.rank(), len(batches), parallel.world()):
         b = to_device(collate(batches[i], pad_id=tok.pad_id, latent_id=tok.latent_id), device)
         with autocast:
-            loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
+            loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
+                            label_sets=b.get("label_sets"), spread=spreads(args.thought_labels))
         mine[i] = loss.item()
     losses = {i: x for part in parallel.gather(mine) for i, x in part.items()}
     model.train()
@@ -240,7 +242,7 @@ def epoch_examples(records, tokenized, tok, epoch, args, block_size):
         tokenized = [t._replace(question=tok.encode(graph_question(r, rng) + "\n")) for r, t in zip(records, tokenized)]
     examples = build_examples(tokenized, stage, args.mode, args.c_thought, args.max_latent_stage,
                               bool(args.pad_latent_to_max), args.uniform_prob, rng, tok, block_size, args.skip_long,
-                              bool(args.markers), bool(args.thought_labels))
+                              bool(args.markers), args.thought_labels)
     return examples, plan_steps(len(examples), epoch, args), stage, set()
 
 

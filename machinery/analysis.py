@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
-from curriculum import collate, make_example, prompt
+from curriculum import collate, make_example, prompt, spreads
 from machinery.evaluate import generate_batched
 from machinery.records import bfs
 
@@ -515,24 +515,31 @@ def layer_split(probs, record, layer, width):
     One position, one record. probs: each node's probability (idx_to_symbol order) under a softmax over
     the whole vocabulary (lm_head of a thought, or CoT's next-token distribution). -> dict(layer=the mass
     on the layer's nodes, out of 1; then for each LAYER_GROUPS group its share of that mass, renormalised
-    over the layer so the four sum to 1 (0 each when the layer has no mass); n_<group>: its nodes).
+    over the layer so the four sum to 1 (0 each when the layer has no mass); n_<group>: its nodes; top: the
+    share of the layer's most probable node (1: one node holds it all; 1/3: spread over three); top_gold: 1.0
+    if that node is the gold one, else 0.0).
     """
     groups = layer_groups(record, layer, width)
     mass = {g: sum(float(probs[v]) for v in groups[g]) for g in LAYER_GROUPS}
     total = sum(mass.values())
     out = dict(layer=total, **{g: (mass[g] / total if total > 0 else 0.0) for g in LAYER_GROUPS})
     out.update({f"n_{g}": len(groups[g]) for g in LAYER_GROUPS})
+    # One record's thought, not the mean: a third on gold on average may be a third on each branch in every
+    # question (a search that holds them all), or all of it on one branch drawn anew each question.
+    layer_nodes = range(layer * width, (layer + 1) * width)
+    top = max(layer_nodes, key=lambda v: float(probs[v]))
+    out.update(top=float(probs[top]) / total if total > 0 else 0.0, top_gold=float(top in groups["gold"]))
     return out
 
 
 def average_splits(splits_by_position):
-    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>)], means
-    over the records (each weighs the same), in order of k."""
+    """{k: [layer_split per record]} -> rows [dict(position=k, records, layer, the groups, n_<group>, top,
+    top_gold)], means over the records (each weighs the same), in order of k."""
     rows = []
     for k in sorted(splits_by_position):
         ss = splits_by_position[k]
         row = dict(position=k, records=len(ss))
-        for key in ("layer",) + LAYER_GROUPS + tuple(f"n_{g}" for g in LAYER_GROUPS):
+        for key in ("layer",) + LAYER_GROUPS + tuple(f"n_{g}" for g in LAYER_GROUPS) + ("top", "top_gold"):
             row[key] = sum(s[key] for s in ss) / len(ss) if ss else float("nan")
         rows.append(row)
     return rows
@@ -600,7 +607,8 @@ def pieces(tokenized, example, tok, mode="coconut"):
     if mode in ("icot", "frontier"):
         raise ValueError(f"--losses names the pieces of Table 1's shapings by step; a {mode} sequence is cut "
                          f"inside its steps")
-    labelled = [i for i, x in zip(example["input_ids"], example["labels"]) if x != -100]
+    sets = example.get("label_sets", {})  # --thought_labels frontier: the thoughts' labels are sets
+    labelled = [i for j, (i, x) in enumerate(zip(example["input_ids"], example["labels"])) if x != -100 or j in sets]
     n_thoughts = labelled.count(tok.latent_id)
     a = list(tokenized.answer)
     marker = tok.encode("###")
@@ -621,7 +629,7 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
     """
     examples = [make_example(t, stage, cfg.get("mode", "coconut"), cfg.get("c_thought", 1),
                              cfg.get("max_latent_stage", 6), cfg.get("pad_latent_to_max", True), 0.0, None, tok,
-                             bool(cfg.get("markers", 1)), bool(cfg.get("thought_labels", 0))) for t in tokenized]
+                             bool(cfg.get("markers", 1)), cfg.get("thought_labels", 0)) for t in tokenized]
     device = next(model.parameters()).device
     sums = {}
     for i in range(0, len(examples), batch_size):
@@ -631,8 +639,21 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
         targets = b["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
         hits = logits[:, :-1].argmax(-1) == targets
+        scored = targets != -100
+        if "label_sets" in b:  # a set label: -log of the set's softmax mass; a hit when the argmax is in the set
+            sets = b["label_sets"][:, 1:]                                            # (B, L-1, K)
+            in_set = sets >= 0
+            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                     # (B, L-1, V)
+            picked = logp.gather(2, sets.clamp(min=0))
+            if spreads(cfg.get("thought_labels")):  # the mean of -log p over the set's members
+                set_loss = -(picked * in_set).sum(-1) / in_set.sum(-1).clamp(min=1)
+            else:
+                set_loss = -torch.logsumexp(picked.masked_fill(~in_set, float("-inf")), -1)
+            losses = torch.where(in_set.any(-1), set_loss, losses)
+            hits = torch.where(in_set.any(-1), ((logp.argmax(-1)[..., None] == sets) & in_set).any(-1), hits)
+            scored = scored | in_set.any(-1)
         for r, (t, e) in enumerate(zip(tokenized[i:i + batch_size], chunk)):
-            cols = (targets[r] != -100).nonzero().flatten().tolist()
+            cols = scored[r].nonzero().flatten().tolist()
             for name, c in zip(pieces(t, e, tok, cfg.get("mode", "coconut")), cols):
                 acc = sums.setdefault(name, [0.0, 0, 0])
                 acc[0] += losses[r, c].item()

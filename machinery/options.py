@@ -10,7 +10,7 @@ import torch
 
 from machinery.argparser import Parser
 from machinery.checkpoint import LATENT_MODES, checkpoint_arch, is_llama
-from curriculum import MODES
+from curriculum import MODES, SET_LABELS
 from gpt import HUB_SIZES
 from machinery.icot import ICOT_GSM8K
 from machinery.presets import (DATASET_DEFAULTS, DEMO, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K,
@@ -37,6 +37,15 @@ def parse_args(argv=None, doc=None):
     return args
 
 
+def thought_labels(text):
+    """--thought_labels: 0 or 1 (ints, as checkpoints have always held them), or a kind of set label."""
+    if text in ("0", "1"):
+        return int(text)
+    if text in SET_LABELS:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected 0, 1, {', '.join(SET_LABELS)}")
+
+
 def build_parser(doc=None):
     """The flags of train.py; doc (train.py's docstring) gives --help its description and examples."""
     description, _, epilog = (doc or "Train Coconut.").strip().partition("\n\n")
@@ -60,10 +69,14 @@ def build_parser(doc=None):
     d.add_argument("--markers", type=int, default=None, choices=(0, 1),
                    help="1: <|start-latent|> and <|end-latent|> around the thoughts (the paper; the default); 0: bare "
                         "thoughts, as in 'Reasoning by Superposition' (reach, the demo's data)")
-    d.add_argument("--thought_labels", type=int, default=None, choices=(0, 1),
+    d.add_argument("--thought_labels", type=thought_labels, default=None,
+                   metavar="{0,1,frontier,within,frontier_uniform,within_uniform}",
                    help="1: the first thought of each removed step keeps that step's first token as its label; "
                         "with one-token steps and c = 1, Coconut then learns from CoT's labels (reach, the demo's "
-                        "data); 0: no loss on thoughts, as in the paper")
+                        "data); 0: no loss on thoughts, as in the paper; frontier: thought k is labelled with the "
+                        "set of nodes exactly k edges from the root, within: every node at most k edges from it "
+                        "(graph records; the loss is -log of the softmax mass on the set: Coconut-BFS); "
+                        "frontier_uniform, within_uniform: the cross-entropy against an even spread over the set")
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
     d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "

@@ -118,6 +118,8 @@ class Tokenized(NamedTuple):
     answer: List[int]       # encode("### " + answer) + [eos]
     hops: Optional[List[List[List[int]]]] = None  # graph records: hops[k-1] = encode(name) of each node k hops
                                                   # from the root on a shortest path to the target (frontier mode)
+    from_root: Optional[List[List[List[int]]]] = None  # graph records: from_root[k] = encode(name) of each node
+                                                       # exactly k edges from the root (--thought_labels frontier)
 
 
 def graph_question(record, rng=None):
@@ -140,11 +142,13 @@ def graph_question(record, rng=None):
 def tokenize(record, tok=None):
     tok = tok or gpt2_tokenizer()
     q, *steps, a = (tok.encode(t) for t in _texts(record))
-    hops = None
+    hops = from_root = None
     if all(k in record for k in ("idx_to_symbol", "edges", "root", "target")):
         hops = [[tok.encode(record["idx_to_symbol"][v]) for v in layer] for layer in shortest_path_layers(record)]
+    if all(k in record for k in ("idx_to_symbol", "edges", "root")):
+        from_root = [[tok.encode(record["idx_to_symbol"][v]) for v in ring] for ring in rings_from_root(record)]
     bos = [] if tok.bos_id is None else [tok.bos_id]  # Llama's <|begin_of_text|>
-    return Tokenized(bos + q, steps, a + [tok.eos_id], hops)
+    return Tokenized(bos + q, steps, a + [tok.eos_id], hops, from_root)
 
 
 def bfs(adjacent, sources, n):
@@ -183,6 +187,25 @@ def shortest_path_layers(record):
         if k and to_target[v] is not None and k + to_target[v] == d:
             layers[k - 1].append(v)
     return layers
+
+
+def rings_from_root(record):
+    """
+    The nodes the edges reach from the root, by distance: [[root], [nodes 1 edge away], [2 edges away], ...]
+    (shortest distances, in idx_to_symbol order within a ring). Ring k is what a breadth-first search holds
+    after k steps: the set label of thought k under --thought_labels frontier (Zhu et al. 2025, "Emergence of
+    Superposition", arXiv 2509.23365, Appendix E.2). On data/reach it is one node on each of the start's branches.
+    """
+    n = len(record["idx_to_symbol"])
+    down = [[] for _ in range(n)]
+    for a, b in record["edges"]:
+        down[a].append(b)
+    dist = bfs(down, [record["root"]], n)
+    rings = [[] for _ in range(1 + max(d for d in dist if d is not None))]
+    for v, d in enumerate(dist):
+        if d is not None:
+            rings[d].append(v)
+    return rings
 
 
 def check_length(examples, block_size, skip_long=False):

@@ -144,6 +144,11 @@ def layer_split(model, tok, records, tokenized, prompts, cfg, args):
     sizes = ", ".join(f"{n[g]:g}" for g in analysis.LAYER_GROUPS)
     print(f"  a guess spread evenly over the layer would give {even} (nodes per group: {sizes}); a search puts "
           f"the mass on gold + start")
+    print("one question at a time: the share of the layer's mass on its most probable node (1: all on one node; "
+          "a third: spread over three branches), and how often that node is the gold one")
+    for r in table:
+        print(f"  {what} {r['position']}: top node {r['top']:.3f} of the layer, the gold node in "
+              f"{100 * r['top_gold']:.1f}%")
     return table
 
 

@@ -371,6 +371,9 @@ def test_layer_split_by_hand():
     assert [r["position"] for r in rows] == [1, 2] and [r["records"] for r in rows] == [2, 1]
     assert rows[0]["gold"] == pytest.approx((0.375 + 1.0) / 2) and rows[0]["layer"] == pytest.approx(0.9)
     assert rows[0]["start"] == pytest.approx(0.25)
+    # one question at a time: the top node's share of the layer (b3's 0.4 of 0.8) and whether it is gold (b0)
+    assert (s["top"], s["top_gold"]) == pytest.approx((0.5, 0.0))
+    assert rows[0]["top"] == pytest.approx((0.5 + 1.0) / 2) and rows[0]["top_gold"] == pytest.approx(0.5)
 
 
 @torch.no_grad()

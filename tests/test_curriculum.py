@@ -65,8 +65,8 @@ def test_gpt2_tokenizer_ids_and_decoding():
 
 @pytest.mark.gpt2_bpe
 def test_tokenize_handmade():
-    q, steps, a, hops = tokenize(R)
-    assert hops is None  # no graph fields
+    q, steps, a, hops, from_root = tokenize(R)
+    assert hops is None and from_root is None  # no graph fields
     assert (q, steps, a) == (Q, [S1, S2], A)
     assert tokenize(R) == Tokenized(Q, [S1, S2], A)
 
@@ -76,7 +76,7 @@ def test_tokenize_equals_whole_text_on_prosqa(prosqa):
     # the official code asserts this on its first record; here on every one
     recs, toks = prosqa
     enc = tiktoken.get_encoding("gpt2")
-    for r, (q, steps, a, _) in zip(recs, toks):
+    for r, (q, steps, a, *_) in zip(recs, toks):
         whole = r["question"] + "\n" + "\n".join(r["steps"]) + "\n### " + r["answer"]
         assert q + [t for s in steps for t in s] + a == enc.encode_ordinary(whole) + [EOS]
 
@@ -408,10 +408,10 @@ def test_gsm8k_records(tmp_path):
     assert load_records(_write(tmp_path, recs)) == recs
     enc = tiktoken.get_encoding("gpt2")
     for r in recs:
-        q, steps, a, _ = tokenize(r)
+        q, steps, a, *_ = tokenize(r)
         whole = r["question"] + "\n" + "\n".join(r["steps"]) + "\n### " + r["answer"]
         assert q + [t for s in steps for t in s] + a == enc.encode_ordinary(whole) + [EOS]
-    q, steps, a, _ = tokenize(recs[0])
+    q, steps, a, *_ = tokenize(recs[0])
     assert steps == [[16791, 19, 12, 17, 28, 17, 4211, 198],      # "<<4-2=2>>\n"
                      [16791, 17, 11757, 20, 28, 19, 4211, 198],   # "<<2/.5=4>>\n"
                      [16791, 1065, 14, 19, 28, 18, 4211, 198],    # "<<12/4=3>>\n"
