@@ -773,8 +773,7 @@ def sp_records(args, tmp):
         valid = load_records(os.path.join(args.data, "valid.json"))[:args.sp_valid]
         source = f"read from {args.data}"
     else:
-        here = ROOT
-        cmd = [sys.executable, os.path.join(here, "data", "prosqa_graph", "prepare.py"), "--generate", "--n_train",
+        cmd = [sys.executable, os.path.join(ROOT, "data", "prosqa_graph", "prepare.py"), "--generate", "--n_train",
                str(args.sp_train), "--n_valid", str(args.sp_valid), "--n_test", "0", "--seed", str(args.sp_seed),
                "--out_dir", tmp]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -1195,9 +1194,8 @@ def main():
         return bench_fsdp(args)
     if args.demo_step:
         return bench_against(args) if args.against else bench_profile(args) if args.profile else bench_demo_step(args)
-    here = ROOT
-    candidates = [args.data, os.path.join(here, "data", "prosqa", "valid.json"),
-                  os.path.join(here, "..", "shared", "data", "prosqa_valid.json")]
+    candidates = [args.data, os.path.join(ROOT, "data", "prosqa", "valid.json"),
+                  os.path.join(ROOT, "..", "shared", "data", "prosqa_valid.json")]
     args.data_path = path = next((c for c in candidates if c and os.path.exists(c)), None)
     if path is None:
         sys.exit("bench.py: no ProsQA data: run `python data/prosqa/prepare.py` (or --generate) or pass --data")
