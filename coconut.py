@@ -42,7 +42,7 @@ class Coconut(nn.Module):
         """
         input_ids, attention_mask, labels, position_ids: (B, L) from curriculum.collate.
         label_sets: (B, L, K) token ids, -1 padding, or None: columns labelled with a set of tokens
-        (--thought_labels frontier; their labels are -100); spread: their loss (set_cross_entropy).
+        (--thought_labels frontier; their labels are -100); spread: their loss (--set_loss; set_cross_entropy).
         -> (loss, logits (B, L, V) if with_logits else None)
         """
         # Position t predicts token t+1; -100 marks the question, the markers and the thoughts. lm_head

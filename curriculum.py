@@ -90,7 +90,7 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
     frontier curriculum of "Reasoning by Superposition". With one-token steps and c = 1 (the demo's data),
     Coconut's labels are then exactly CoT's, and the two differ only in what comes next: the step's token
     (the gold one in training, the model's own pick when it answers), or the whole hidden state.
-    thought_labels "frontier", "within" and their "_uniform" forms (SET_LABELS, graph records) label those
+    thought_labels "frontier" and "within" (SET_LABELS, graph records) label those
     columns with a set of nodes instead (thought_sets), every thought's (also past the steps, with
     --max_latent_stage above them); their "labels" stay -100, and coconut.set_cross_entropy is their loss.
     """
@@ -149,16 +149,12 @@ def make_example(tokenized, stage, mode="coconut", c_thought=1, max_latent_stage
 #   within     thought k: every node at most k edges from the root, the root included (all it has reached)
 # A set names how far the search has gone, never which branch leads to an option. A thought past the record's
 # steps (--max_latent_stage above the hops) is labelled with the options the search has reached: the target.
-# The loss is -log of the set's softmax mass, which one member alone can satisfy; with "_uniform" it is the
-# cross-entropy against an even spread over the set (the mean of -log p over its members), which only a thought
-# holding every member evenly minimises (what the frontier curriculum's one member drawn at random asks for,
-# in expectation).
-SET_LABELS = ("frontier", "within", "frontier_uniform", "within_uniform")
-
-
-def spreads(thought_labels):
-    """Is the loss of these set labels the cross-entropy against an even spread over the set (SET_LABELS)?"""
-    return isinstance(thought_labels, str) and thought_labels.endswith("_uniform")
+# --set_loss says how a set is scored: "mass", -log of the set's softmax mass (Coconut-BFS), which one member
+# alone can satisfy, or "spread", the cross-entropy against an even spread over the set (the mean of -log p over
+# its members), which only a thought holding every member evenly minimises (what the frontier curriculum's one
+# member drawn at random asks for, in expectation). On the demo's data only "spread" learns (docs/search.md, 7).
+SET_LABELS = ("frontier", "within")
+SET_LOSSES = ("mass", "spread")
 
 
 def thought_sets(tokenized, kind, n_thoughts):
@@ -179,7 +175,7 @@ def thought_sets(tokenized, kind, n_thoughts):
             sets.append(reached)
             continue
         ring = rings[k] if k < len(rings) else []
-        sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind.startswith("within") and ring else ring)
+        sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind == "within" and ring else ring)
     return sets
 
 

@@ -27,7 +27,7 @@ import time
 import torch
 
 from coconut import Coconut
-from curriculum import build_examples, collate, make_question, spreads, stage_for_epoch, stage_name
+from curriculum import build_examples, collate, make_question, stage_for_epoch, stage_name
 from machinery import demo, memory, parallel, resume
 from machinery.checkpoint import first_line, gpt_from_checkpoint, init_model, resolve_device, tokenizer_from_checkpoint
 from machinery.evaluate import evaluate, summarize_outputs
@@ -143,7 +143,7 @@ def train_step(step_model, examples, step, args, tok, device, autocast):
             with parallel.no_sync(step_model, last=j == len(micro_batches) - 1):
                 with autocast:  # Coconut: n thoughts, n + 1 passes, the loss on the language after them
                     loss, _ = step_model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
-                                         label_sets=b.get("label_sets"), spread=spreads(args.thought_labels))
+                                         label_sets=b.get("label_sets"), spread=args.set_loss == "spread")
                 (loss * (parallel.world() / args.grad_accum)).backward()  # DDP and FSDP divide by the processes
             loss_sum += loss.item() / args.grad_accum
             n_tokens += int(b["attention_mask"].sum())
@@ -191,7 +191,7 @@ def validation_loss(model, examples, args, tok, device, autocast):
         b = to_device(collate(batches[i], pad_id=tok.pad_id, latent_id=tok.latent_id), device)
         with autocast:
             loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
-                            label_sets=b.get("label_sets"), spread=spreads(args.thought_labels))
+                            label_sets=b.get("label_sets"), spread=args.set_loss == "spread")
         mine[i] = loss.item()
     losses = {i: x for part in parallel.gather(mine) for i, x in part.items()}
     model.train()

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
-from curriculum import collate, make_example, prompt, spreads
+from curriculum import collate, make_example, prompt
 from machinery.evaluate import generate_batched
 from machinery.records import bfs
 
@@ -645,7 +645,7 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
             in_set = sets >= 0
             logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                     # (B, L-1, V)
             picked = logp.gather(2, sets.clamp(min=0))
-            if spreads(cfg.get("thought_labels")):  # the mean of -log p over the set's members
+            if cfg.get("set_loss") == "spread":  # the mean of -log p over the set's members
                 set_loss = -(picked * in_set).sum(-1) / in_set.sum(-1).clamp(min=1)
             else:
                 set_loss = -torch.logsumexp(picked.masked_fill(~in_set, float("-inf")), -1)

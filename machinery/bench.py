@@ -78,7 +78,7 @@ sys.path.insert(0, ROOT)  # run as a file (python machinery/bench.py), the packa
 import data.reach.prepare as reach_prepare
 from machinery.argparser import Parser
 from machinery.analysis import node_groups
-from coconut import Coconut
+from coconut import Coconut, set_cross_entropy
 from curriculum import build_examples, collate, make_example, make_question
 from machinery.evaluate import evaluate
 from gpt import GPT, GPTConfig
@@ -586,13 +586,14 @@ def bench_demo_step(args):
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
         examples = build_examples([tokenize(r, tok) for r in records], stage, mode, cfg["c_thought"],
                                   cfg["max_latent_stage"], tok=tok, markers=bool(cfg["markers"]),
-                                  thought_labels=bool(cfg["thought_labels"]))
+                                  thought_labels=cfg["thought_labels"])
         batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
                    for i in range(0, len(examples), cfg["batch_size"])]
 
         def step(b, skip_unread=True):
             args4 = (b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
-            loss = model(*args4)[0] if skip_unread else loss_over_every_column(model, *args4)
+            sets = dict(label_sets=b.get("label_sets"), spread=cfg["set_loss"] == "spread")
+            loss = model(*args4, **sets)[0] if skip_unread else loss_over_every_column(model, *args4, **sets)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -624,9 +625,10 @@ def bench_demo_step(args):
     print("\n".join(rows))
 
 
-def demo_step_setup(mode="coconut", n_batches=8, coconut_class=Coconut):
+def demo_step_setup(mode="coconut", n_batches=8, coconut_class=Coconut, thought_labels=None):
     """The demo's model (seed 0), AdamW and n_batches of its batches for one method -> (model, optimizer,
-    batches, step): step(batch) is one optimizer step and returns its loss."""
+    batches, step): step(batch) is one optimizer step and returns its loss. thought_labels: the preset's
+    (None), or 1, the gold labels that every commit's coconut.py understands (--against)."""
     cfg = DATASET_DEFAULTS["reach"]
     with tempfile.TemporaryDirectory() as tmp:
         with contextlib.redirect_stdout(None):
@@ -642,12 +644,13 @@ def demo_step_setup(mode="coconut", n_batches=8, coconut_class=Coconut):
     stage = cfg["max_latent_stage"] if mode == "coconut" else 0
     examples = build_examples([tokenize(r, tok) for r in records], stage, mode, cfg["c_thought"],
                               cfg["max_latent_stage"], tok=tok, markers=bool(cfg["markers"]),
-                              thought_labels=bool(cfg["thought_labels"]))
+                              thought_labels=cfg["thought_labels"] if thought_labels is None else thought_labels)
     batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
                for i in range(0, len(examples), cfg["batch_size"])]
 
     def step(b):
-        loss = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])[0]
+        sets = dict(label_sets=b["label_sets"], spread=cfg["set_loss"] == "spread") if "label_sets" in b else {}
+        loss = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], **sets)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -667,7 +670,9 @@ def coconut_at(rev):
 
 def bench_against(args):
     """--demo_step --against REV: Coconut's step, coconut.py at REV against today's, steps alternating."""
-    sides = {args.against: demo_step_setup(coconut_class=coconut_at(args.against)), "now": demo_step_setup()}
+    # the gold thought labels on both sides: a commit before --set_loss knows no set labels, and the passes are the same
+    sides = {args.against: demo_step_setup(coconut_class=coconut_at(args.against), thought_labels=1),
+             "now": demo_step_setup(thought_labels=1)}
     times, losses = {k: [] for k in sides}, {k: [] for k in sides}
     for k, (_, _, batches, step) in sides.items():
         step(batches[0])  # warm-up, the same for both
@@ -720,12 +725,17 @@ def bench_profile(args):
           f"{sum(e.count for e in one) / len(batches):.0f} calls a step")
 
 
-def loss_over_every_column(model, input_ids, attention_mask, labels, position_ids):
+def loss_over_every_column(model, input_ids, attention_mask, labels, position_ids, label_sets=None, spread=False):
     """Coconut's training loss with the last block run over every column (the "all" of --demo_step), where
     Coconut.forward runs it only in the columns whose output a label reads: the same loss, more work."""
     hidden, _ = model.think(input_ids, attention_mask, position_ids)  # (B, L, C), read=None: every column
-    scored = labels[:, 1:] != -100
-    return torch.nn.functional.cross_entropy(model.gpt.lm_head(hidden[:, :-1][scored]), labels[:, 1:][scored])
+    targets = labels[:, 1:]                                           # (B, L-1)
+    if label_sets is None:
+        scored = targets != -100
+        return torch.nn.functional.cross_entropy(model.gpt.lm_head(hidden[:, :-1][scored]), targets[scored])
+    sets = label_sets[:, 1:]                                          # (B, L-1, K)
+    scored = (targets != -100) | (sets >= 0).any(-1)
+    return set_cross_entropy(model.gpt.lm_head(hidden[:, :-1][scored]), targets[scored], sets[scored], spread)
 
 
 def load_official(path, model):

@@ -10,7 +10,7 @@ import torch
 
 from machinery.argparser import Parser
 from machinery.checkpoint import LATENT_MODES, checkpoint_arch, is_llama
-from curriculum import MODES, SET_LABELS
+from curriculum import MODES, SET_LABELS, SET_LOSSES
 from gpt import HUB_SIZES
 from machinery.icot import ICOT_GSM8K
 from machinery.presets import (DATASET_DEFAULTS, DEMO, GENERAL_DEFAULTS, LLAMA_DEFAULTS, LLAMA_GSM8K,
@@ -70,13 +70,15 @@ def build_parser(doc=None):
                    help="1: <|start-latent|> and <|end-latent|> around the thoughts (the paper; the default); 0: bare "
                         "thoughts, as in 'Reasoning by Superposition' (reach, the demo's data)")
     d.add_argument("--thought_labels", type=thought_labels, default=None,
-                   metavar="{0,1,frontier,within,frontier_uniform,within_uniform}",
+                   metavar="{0,1,frontier,within}",
                    help="1: the first thought of each removed step keeps that step's first token as its label; "
                         "with one-token steps and c = 1, Coconut then learns from CoT's labels (reach, the demo's "
                         "data); 0: no loss on thoughts, as in the paper; frontier: thought k is labelled with the "
                         "set of nodes exactly k edges from the root, within: every node at most k edges from it "
-                        "(graph records; the loss is -log of the softmax mass on the set: Coconut-BFS); "
-                        "frontier_uniform, within_uniform: the cross-entropy against an even spread over the set")
+                        "(graph records; scored as --set_loss says); reach, the demo's: frontier")
+    d.add_argument("--set_loss", default=None, choices=SET_LOSSES,
+                   help="how a set label is scored: mass, -log of the softmax mass on the set (Coconut-BFS; the "
+                        "default); spread, the cross-entropy against an even spread over the set (reach, the demo's)")
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
     d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "

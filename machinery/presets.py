@@ -20,12 +20,13 @@ DATASET_DEFAULTS = {
                          dropout=0.1, batch_size=256, grad_accum=1, tokenizer="symbols", shuffle_graph=1,
                          eval_batch_size=256),
     # reach: the CPU demo's graph search (data/reach/prepare.py; docs/search.md tells how it was found): a
-    # 2-layer, 4-head, 128-wide GPT from scratch, bare thoughts that keep their steps' labels (as CoT's), one
-    # epoch a stage, three at the last one, one AdamW throughout (from scratch a fresh one every epoch only
-    # slows every method down)
+    # 2-layer, 4-head, 128-wide GPT from scratch, bare thoughts, each labelled with the search's frontier (the
+    # nodes k roads from the start, an even spread over them: no label names the path; --thought_labels 1 gives
+    # the gold step's, as CoT's), one epoch a stage, three at the last one, one AdamW throughout (from scratch
+    # a fresh one every epoch only slows every method down)
     "reach": dict(c_thought=1, max_latent_stage=4, stage_epochs=1, epochs=7, max_new_tokens=10, init_from="scratch",
-                  n_layer=2, n_head=4, n_embd=128, block_size=128, tokenizer="symbols", markers=0, thought_labels=1,
-                  batch_size=64, grad_accum=1, lr=1e-3, eval_batch_size=250, reset_optimizer="never"),
+                  n_layer=2, n_head=4, n_embd=128, block_size=128, tokenizer="symbols", markers=0,
+                  thought_labels="frontier", set_loss="spread", batch_size=64, grad_accum=1, lr=1e-3, eval_batch_size=250, reset_optimizer="never"),
     # tiny: the first CPU demo's small world (data/tiny/prepare.py); a 2-layer model from scratch, a larger lr
     "tiny": dict(c_thought=1, max_latent_stage=4, stage_epochs=1, epochs=8, max_new_tokens=48,
                  batch_size=64, grad_accum=1, lr=1e-3),
@@ -33,7 +34,7 @@ DATASET_DEFAULTS = {
 # Elsewhere the paper's: AdamW lr 1e-4, 32 sequences x 4 GPUs = 128 per optimizer step, GPT-2 124M.
 GENERAL_DEFAULTS = dict(batch_size=32, grad_accum=4, lr=1e-4, init_from="gpt2", uniform_prob=0.0, n_layer=2,
                         n_head=4, n_embd=128, block_size=256, tokenizer="auto", shuffle_graph=0, eval_batch_size=64,
-                        markers=1, thought_labels=0, decay_lr=0)
+                        markers=1, thought_labels=0, set_loss="mass", decay_lr=0)
 DEMO = dict(dataset="reach", init_from="scratch", out_dir="out-demo")
 DEMO_METHODS = ("coconut", "cot", "nocot")  # trained in turn, the same model for the same optimizer steps
 # A user's data set from scratch learns like the demo (lr 1e-3, no accumulation), in a batch that gives

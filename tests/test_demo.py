@@ -219,14 +219,15 @@ def test_the_demo_makes_its_own_data(tmp_path, monkeypatch):
     assert seeds == ["2"]
 
 
-def test_the_demos_coconut_labels_its_thoughts(data_dir):
-    # the demo's preset turns --thought_labels on, and train.py hands it to the curriculum: at stage 3 the three
-    # thoughts carry the first three steps' labels (bare thoughts, no markers)
+def test_the_demos_coconut_labels_its_thoughts_with_the_frontier(data_dir):
+    # the demo's preset labels thought k with the frontier, the nodes k roads from the start (one on each of
+    # its three branches, the gold one among them), scored against an even spread; no label names the path.
+    # --thought_labels 1 (the gold-labelled control) names the gold step's node; 0 (the paper) nothing
     import train
     from machinery.records import load_split, tokenize
     from machinery.tokenizer import symbol_tokenizer
     args = train.parse_args(["--demo", "--data_dir", str(data_dir)])
-    assert (args.mode, args.thought_labels, args.markers) == ("coconut", 1, 0)
+    assert (args.mode, args.thought_labels, args.set_loss, args.markers) == ("coconut", "frontier", "spread", 0)
     records = load_split(str(data_dir), "reach", "train")
     tok = symbol_tokenizer(records)
     tokenized = [tokenize(r, tok) for r in records]
@@ -235,8 +236,17 @@ def test_the_demos_coconut_labels_its_thoughts(data_dir):
     for e, t in zip(examples, tokenized):
         col = e["input_ids"].index(tok.latent_id)
         assert e["input_ids"][col:col + 3] == [tok.latent_id] * 3
-        assert e["labels"][col:col + 3] == [s[0] for s in t.steps[:3]]
+        assert e["labels"][col:col + 3] == [-100] * 3  # no single node is a thought's label
+        sets = [e["label_sets"][col + k] for k in range(3)]
+        for k, ids in enumerate(sets):
+            assert len(ids) == 3 and t.steps[k][0] in ids  # the start's three branches, gold among them
+            assert ids == sorted(name[0] for name in t.from_root[k + 1])
+    args.thought_labels = 1
+    examples, _, _, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
+    e, t = examples[0], tokenized[0]
+    col = e["input_ids"].index(tok.latent_id)
+    assert "label_sets" not in e and e["labels"][col:col + 3] == [s[0] for s in t.steps[:3]]
     args.thought_labels = 0
     examples, _, _, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
     col = examples[0]["input_ids"].index(tok.latent_id)
-    assert examples[0]["labels"][col:col + 3] == [-100] * 3
+    assert "label_sets" not in examples[0] and examples[0]["labels"][col:col + 3] == [-100] * 3

@@ -1,5 +1,5 @@
-"""--thought_labels frontier / within (issue 30): thought k labelled with a set of nodes, the loss -log of the
-set's softmax mass (Coconut-BFS). The sets by hand on test_frontier's graph, the loss against the formula on
+"""--thought_labels frontier / within (issue 30): thought k labelled with a set of nodes, scored as --set_loss says
+(mass: -log of the set's softmax mass, Coconut-BFS; spread: the cross-entropy against an even spread over it). The sets by hand on test_frontier's graph, the loss against the formula on
 unpadded sequences run one pass per thought, batching and padding, --losses, exact resume, and the errors."""
 import json
 import os
@@ -95,8 +95,9 @@ def hand_loss(model, tok, examples, spread=False):
     return torch.stack(terms).mean(), len(terms)
 
 
-@pytest.mark.parametrize("kind", ["frontier", "within", "frontier_uniform", "within_uniform"])
-def test_the_loss_is_minus_log_of_the_sets_mass(tok, kind):
+@pytest.mark.parametrize("kind", ["frontier", "within"])
+@pytest.mark.parametrize("set_loss", ["mass", "spread"])
+def test_the_loss_is_minus_log_of_the_sets_mass(tok, kind, set_loss):
     model = tiny_model(tok)
     t = tokenize(RECORD, tok)
     # stages 1, 3 and 0: different numbers of thoughts and lengths, so collate pads left and right
@@ -104,8 +105,7 @@ def test_the_loss_is_minus_log_of_the_sets_mass(tok, kind):
            for s in (1, 3, 0)]
     b = C.collate(exs, pad_id=tok.pad_id, latent_id=tok.latent_id)
     assert b["label_sets"].shape[:2] == b["input_ids"].shape and (b["label_sets"] >= 0).any(-1).sum() == 1 + 3
-    spread = C.spreads(kind)
-    assert spread == kind.endswith("_uniform")
+    spread = set_loss == "spread"
     with torch.no_grad():
         loss, _ = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"],
                         label_sets=b["label_sets"], spread=spread)
@@ -158,14 +158,15 @@ def test_a_set_of_one_is_the_ordinary_label(tok):
                                F.cross_entropy(logits, targets))
 
 
-def test_losses_by_piece_add_up_to_the_loss(tok):
+@pytest.mark.parametrize("set_loss", ["mass", "spread"])
+def test_losses_by_piece_add_up_to_the_loss(tok, set_loss):
     model = tiny_model(tok)
     t = tokenize(RECORD, tok)
-    cfg = dict(mode="coconut", c_thought=1, max_latent_stage=3, markers=0, thought_labels="frontier")
+    cfg = dict(mode="coconut", c_thought=1, max_latent_stage=3, markers=0, thought_labels="frontier", set_loss=set_loss)
     rows = piece_losses(model, tok, [t, t], cfg, stage=3)
     assert [r[0] for r in rows] == ["thought 1", "thought 2", "thought 3", "###", "answer", "end"]
     e = C.make_example(t, 3, "coconut", max_latent_stage=3, tok=tok, markers=False, thought_labels="frontier")
-    ref, n = hand_loss(model, tok, [e])
+    ref, n = hand_loss(model, tok, [e], set_loss == "spread")
     assert sum(r[3] for r in rows) == 2 * n
     torch.testing.assert_close(torch.tensor(sum(r[1] * r[3] for r in rows) / (2 * n), dtype=torch.float64), ref,
                                atol=1e-5, rtol=1e-5)
@@ -191,7 +192,9 @@ def test_data_without_a_graph_is_one_line(tok, tmp_path):
     r = run_cli(TINY + ["--data_dir", str(d), "--out_dir", str(tmp_path / "run"), "--thought_labels", "frontier"])
     one_error_line(r, 1, "--thought_labels frontier needs graph records")
     r = run_cli(TINY + ["--data_dir", str(d), "--out_dir", str(tmp_path / "run"), "--thought_labels", "2"])
-    one_error_line(r, 2, "--thought_labels", "expected 0, 1, frontier, within, frontier_uniform")
+    one_error_line(r, 2, "--thought_labels", "expected 0, 1, frontier, within")
+    r = run_cli(TINY + ["--data_dir", str(d), "--out_dir", str(tmp_path / "run"), "--set_loss", "even"])
+    one_error_line(r, 2, "--set_loss", "mass", "spread")
 
 
 REACH = ["--dataset", "reach", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "4",
@@ -216,6 +219,7 @@ def test_a_frontier_run_resumes_exactly(tmp_path):
     assert_same_weights(weights(os.path.join(a, "ckpt.pt")), weights(os.path.join(b, "ckpt.pt")))
     ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=False)
     assert ca["config"]["thought_labels"] == "frontier" and ca["step"] == 30
+    assert ca["config"]["set_loss"] == "spread"  # the reach preset's: the demo's Coconut
     # the set labels did train the thoughts: the run differs from one with the gold labels
     r = run_cli(REACH + ["--data_dir", str(d), "--thought_labels", "1", "--out_dir", str(tmp_path / "gold")])
     assert r.returncode == 0, r.stderr
