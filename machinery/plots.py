@@ -379,7 +379,8 @@ def plot_world(world, probs, labels, path, title="", max_cols=3):
     neg_target). probs: per position (thought k, or CoT's step k) each node's probability; labels: a title
     per position. The first panel is the question: the world's nodes as a grid, layers across and nodes
     down, its open roads coloured by branch; then one panel per position with each node's probability as
-    the area of its disc (coloured by role): the start's branches light up, then narrow to the gold path.
+    the area of its disc (coloured by role): the start's branches light up; thoughts labelled with the frontier
+    keep all three to the end, thoughts labelled with the gold node narrow to its path.
     """
     plt = _pyplot()
     if plt is None:

@@ -241,7 +241,8 @@ def test_the_demos_coconut_labels_its_thoughts_with_the_frontier(data_dir):
         for k, ids in enumerate(sets):
             assert len(ids) == 3 and t.steps[k][0] in ids  # the start's three branches, gold among them
             assert ids == sorted(name[0] for name in t.from_root[k + 1])
-    args.thought_labels = 1
+    args = train.parse_args(["--demo", "--data_dir", str(data_dir), "--thought_labels", "1"])  # the typed flag wins
+    assert (args.mode, args.thought_labels) == ("coconut", 1)
     examples, _, _, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
     e, t = examples[0], tokenized[0]
     col = e["input_ids"].index(tok.latent_id)
