@@ -189,6 +189,8 @@ def test_the_layer_split_of_coconut_and_cot(demo, monkeypatch, capsys):
                          "--latent", "1")
     assert code == 0, err
     assert "renormalised over the layer" in out and "mass on that layer's nodes" in out
+    # the demo's Coconut was trained on the frontier, and the header says so, not the gold node
+    assert "trained on the frontier" in out and "gold path's node" not in out
     coconut = split_rows(out)
     code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/cot", "--split", "test", "--analyze")
     assert code == 0, err
