@@ -190,7 +190,7 @@ def test_the_layer_split_of_coconut_and_cot(demo, monkeypatch, capsys):
     assert code == 0, err
     assert "renormalised over the layer" in out and "mass on that layer's nodes" in out
     # the demo's Coconut was trained on the frontier, and the header says so, not the gold node
-    assert "trained on the frontier" in out and "gold path's node" not in out
+    assert "trained on the frontier" in out and "trained to name" not in out
     coconut = split_rows(out)
     code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/cot", "--split", "test", "--analyze")
     assert code == 0, err
