@@ -61,8 +61,9 @@ def run(args, train):
         f"steps), {fmt_time(time.time() - t0)} for this command")
     log(epoch_table([runs[m] for m in DEMO_METHODS], NAMES,
                     lambda stage: min(stage, args.max_latent_stage) * args.c_thought))
-    log(f"\n{len(test)} held-out test questions (out_dir/summary.json): best.pt, the best validation accuracy "
-        f"(the paper's choice), and the last checkpoint")
+    log(f"\n{len(test)} held-out test questions ({os.path.join(args.out_dir, 'summary.json')}): best.pt, the best "
+        f"validation accuracy (the paper's choice), and the last checkpoint; tokens/question: what each writes "
+        f"after the question, its thoughts counted as tokens")
     log(f"{'method':>8} {'accuracy':>9} {'tokens/question':>16} {'epoch':>6} {'last':>9} {'epoch':>6}")
     for mode, name in zip(DEMO_METHODS, NAMES):
         s, last = summary[mode], summary[mode]["last"]
@@ -81,9 +82,11 @@ def save_flags(args):
         return
     held = [p for p in [path] + [os.path.join(args.out_dir, m, "ckpt.pt") for m in DEMO_METHODS] if os.path.exists(p)]
     if held and not args.overwrite:
-        raise ValueError(f"{args.out_dir} already holds a demo ({held[0]}): finish it with `{launcher()} --demo "
-                         f"--out_dir {shlex.quote(args.out_dir)} --resume`, or start afresh with --overwrite or "
-                         f"another --out_dir")
+        done = os.path.exists(os.path.join(args.out_dir, "summary.json"))
+        raise ValueError(f"{args.out_dir} already holds a {'finished ' if done else ''}demo ({held[0]}): "
+                         f"{'print its tables again' if done else 'finish it'} with `{launcher()} --demo --out_dir "
+                         f"{shlex.quote(args.out_dir)} --resume`, or start afresh with --overwrite or another "
+                         f"--out_dir")
     if parallel.world() > 1:
         dist.barrier()  # every process has looked before rank 0 writes
     if parallel.rank() == 0:

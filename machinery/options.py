@@ -71,16 +71,17 @@ def build_parser(doc=None):
                         "thoughts, as in 'Reasoning by Superposition' (reach, the demo's data)")
     d.add_argument("--thought_labels", type=thought_labels, default=None,
                    metavar="{0,1,frontier,within}",
-                   help="0: no loss on thoughts, as in the paper (the default but on reach); 1: the first thought "
-                        "of each removed step keeps that step's first token as its label (with one-token steps and "
-                        "c = 1, Coconut then learns from CoT's labels: on reach, the gold-labelled control); "
-                        "frontier: thought k is labelled with the set of nodes exactly k edges from the root (reach, "
-                        "the demo's); within: every node at most k edges from it (graph records; a set is scored as "
-                        "--set_loss says)")
+                   help="what each thought is trained to name. 0: nothing, as in the paper (the default, except "
+                        "on reach); 1: the node of the step it replaces, the label CoT's step has there (on reach: "
+                        "the gold-labelled control); frontier: the set of nodes exactly k edges (roads) from the "
+                        "question's start, for thought k (on reach the default, the demo's); within: every node at "
+                        "most k edges from the start. frontier and within need graph records and are scored as "
+                        "--set_loss says")
     d.add_argument("--set_loss", default=None, choices=SET_LOSSES,
-                   help="how a set label is scored: mass, -log of the softmax mass on the set (Coconut-BFS; the "
-                        "default but on reach); spread, the cross-entropy against an even spread over the set "
-                        "(reach, the demo's)")
+                   help="how a set label (--thought_labels frontier or within) is scored. mass: -log of the "
+                        "softmax mass on the set, Coconut-BFS (the default, except on reach); spread: the "
+                        "cross-entropy against an even spread over the set, at least ln(set size) nats (on reach "
+                        "the default, the demo's)")
     d.add_argument("--uniform_prob", type=float, default=None,
                    help="probability of training an example at a random stage (0; prosqa_graph 0.1)")
     d.add_argument("--skip_long", action="store_true", help="drop examples longer than the model's block_size "
@@ -153,7 +154,7 @@ def build_parser(doc=None):
     e.add_argument("--eval_batch_size", type=int, default=None, help="questions generated at once (64)")
     p.add_argument("--demo", action="store_true",
                    help="the CPU demo (about 8 minutes alone on a 2-core AVX-512 machine; a user's 2-core AVX2 machine took "
-                        "13 for the gold-labelled one): makes its "
+                        "13 minutes for the earlier, gold-labelled demo): makes its "
                         "graph-search data afresh in <out_dir>/data "
                         "(data/reach/prepare.py; --seed k: world k), trains Coconut, CoT and No-CoT from scratch for "
                         "the same optimizer steps into <out_dir>/coconut, cot and nocot (out_dir: out-demo), prints "

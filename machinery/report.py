@@ -7,7 +7,7 @@ of the world), and the demo's three runs in one figure. The measures themselves 
 import os
 from collections import defaultdict
 
-from curriculum import PLAIN, is_correct, prompt, stage_name
+from curriculum import PLAIN, SET_LABELS, is_correct, prompt, stage_name
 from machinery import analysis, plots
 from machinery.evaluate import generate_batched
 from machinery.runs import METHOD_NAMES, read_jsonl, runs_inside
@@ -33,6 +33,10 @@ def losses(model, tok, tokenized, cfg, stage):
     """--losses: where a model's training loss is, piece by piece (analysis.piece_losses)."""
     print(f"the training sequences at {stage_name(stage, cfg)}, teacher-forced: loss (nats) and accuracy (the argmax "
           f"is the label) of each piece")
+    if cfg.get("thought_labels") in SET_LABELS and stage > 0:  # stage 0 has no thoughts
+        floor = ("; scored against an even spread (--set_loss spread), a set of n costs at least ln n nats, 1.10 for "
+                 "three" if cfg.get("set_loss") == "spread" else "")
+        print(f"  a thought labelled with a set ({cfg['thought_labels']}): accurate when its argmax is in the set{floor}")
     print(f"{'piece':>10} {'loss':>8} {'accuracy':>9} {'tokens':>7}")
     for name, loss, acc, n in analysis.piece_losses(model, tok, tokenized, cfg, stage):
         print(f"{name:>10} {loss:8.4f} {100 * acc:8.2f}% {n:7d}")

@@ -143,5 +143,6 @@ def length_warning(tokenized, args, cfg, tok):
     if not outside:
         return None
     said = ", ".join(f"question {i} has {n} tokens" for i, n in outside)
-    return (f"warning: {said}, where the {name} data's validation questions have {low}-{high}: this model was "
+    have = f"{low} tokens" if low == high else f"{low}-{high}"
+    return (f"warning: {said}, where the {name} data's validation questions have {have}: this model was "
             f"trained on questions of that shape, and answers others untested")

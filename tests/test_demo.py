@@ -172,7 +172,7 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
     tail = lambda out: out[out.index("validation accuracy by epoch"):].split("\n", 1)[1]  # the tables, not the time
     assert tail(r.stdout) == tail(run_cli(common + ["--out_dir", b, "--resume"]).stdout)  # finished: nothing to redo
     # a finished demo is not started over by accident, a folder without one is not resumed, a flag is kept
-    for argv, said in (([], f"{b} already holds a demo"), (["--overwrite", "--seed", "2", "--resume"], "differs from the demo's 1"),
+    for argv, said in (([], f"{b} already holds a finished demo ({b}/demo.json): print its tables again with"), (["--overwrite", "--seed", "2", "--resume"], "differs from the demo's 1"),
                        (["--resume", "--out_dir", str(tmp_path / "none")], "holds no demo to finish")):
         r = run_cli(["--demo", "--out_dir", b] + argv)
         assert r.returncode == 1 and said in r.stderr, r.stderr[-3000:]
@@ -185,6 +185,10 @@ def test_a_stopped_demo_says_how_to_continue(data_dir, tmp_path):
     assert r.returncode == 130, r.stderr[-3000:]
     said = re.search(r"continue with `(python train.py [^`]*)`", r.stdout + r.stderr)
     assert said and "--demo" in said.group(1) and said.group(1).endswith("--resume"), r.stdout + r.stderr
+    # started again without --resume: the unfinished demo is named, with the command that finishes it
+    again = run_cli(SMALL + ["--data_dir", str(data_dir), "--out_dir", out])
+    assert again.returncode == 1 and f"{out} already holds a demo" in again.stderr, again.stderr[-3000:]
+    assert "finish it with" in again.stderr and "finished" not in again.stderr
     r = run_cli(shlex.split(said.group(1))[2:])
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(summary(out)) == {"coconut", "cot", "nocot"}

@@ -433,8 +433,9 @@ def test_questions_typed_in(run_dir, capsys):
     n_long, n_short = (len(tokenize(dict(question=q, steps=[], answer=""), tok).question) for q in (long, short))
     assert n_long > max(lengths) and n_short < min(lengths)
     warnings = [l for l in out.splitlines() if l.startswith("warning")]
+    have = f"{min(lengths)} tokens" if min(lengths) == max(lengths) else f"{min(lengths)}-{max(lengths)}"
     assert warnings == [f"warning: question 1 has {n_long} tokens, question 2 has {n_short} tokens, where the tiny "
-                        f"data's validation questions have {min(lengths)}-{max(lengths)}: this model was trained on "
+                        f"data's validation questions have {have}: this model was trained on "
                         f"questions of that shape, and answers others untested"], out
     assert f"[1] Q: {long}\n" in out and out.count("  thought 2: ") == 2
 

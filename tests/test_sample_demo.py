@@ -239,3 +239,20 @@ def test_the_three_methods_in_one_figure(demo, monkeypatch, capsys):
     assert list(runs) == ["Coconut", "CoT", "No-CoT"]
     for name, d in zip(runs, ("coconut", "cot", "nocot")):
         assert runs[name] == [json.loads(l) for l in open(demo / "out-demo" / d / "metrics.jsonl")]
+
+
+def test_losses_say_how_a_set_label_is_scored(demo, monkeypatch, capsys):
+    # the demo's Coconut: its thoughts' accuracy is "the argmax is in the set", and an even spread's floor is named
+    code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/coconut", "--split", "test", "--losses")
+    assert code == 0, err
+    assert "stage 0" in out and "argmax is in the set" not in out  # this best.pt is stage 0's: no thought to label
+    code, out, err = run(demo, monkeypatch, capsys, "--ckpt", "out-demo/coconut/ckpt.pt", "--split", "test",
+                         "--losses")
+    assert code == 0, err
+    assert "accurate when its argmax is in the set" in out and "at least ln n nats" in out, out
+    rows = {l.split()[0] + (" " + l.split()[1] if l.split()[0] == "thought" else ""): l.split()
+            for l in out.splitlines() if re.match(r"\s*(thought \d|answer)\s", l)}
+    assert "thought 1" in rows and "answer" in rows, out
+    code, out, err = run(demo, monkeypatch, capsys, "--out_dir", "out-demo/cot", "--split", "test", "--losses")
+    assert code == 0, err
+    assert "argmax is in the set" not in out  # CoT has no set labels

@@ -209,6 +209,8 @@ def test_a_frontier_run_resumes_exactly(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     r = run_cli(common + ["--out_dir", a])
     assert r.returncode == 0, r.stderr
+    # the first lines say what the thoughts learn from, and why the loss stays above ln 3 a thought
+    assert "thought k's label: the frontier" in r.stdout and "--set_loss spread" in r.stdout, r.stdout[:2000]
     # killed in stage 1's epoch (step 13: saved at 12), resumed, interrupted in stage 2 (step 25), resumed
     r = run_cli(common + ["--out_dir", b], env={SIGNAL_HOOK: "13:KILL,25:INT"})
     assert r.returncode == -9, r.stderr
