@@ -112,10 +112,12 @@ def resumed_args(args):
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a demo's flags ({first_line(e)})") from None
     before = parse_args(["--demo"] + saved)
-    for k in args.typed:
-        if k in before.typed and k not in RESUMABLE and getattr(before, k) != getattr(args, k):
+    for k in args.typed:  # typed now against the demo's value, typed then or its default
+        if k not in RESUMABLE and k != "demo" and getattr(before, k) != getattr(args, k):
+            another = (f"; another world goes in a folder of its own: `{launcher()} --demo --seed {args.seed} "
+                       f"--out_dir out-demo-{args.seed}`" if k == "seed" else "")
             raise ValueError(f"--{k} {getattr(args, k)} differs from the demo's {getattr(before, k)} in {path}: a "
-                             f"resumed demo keeps its settings")
+                             f"resumed demo keeps its settings{another}")
     args = parse_args(["--demo"] + saved + typed_flags(args, skip=("demo",)))
     LAUNCH["argv"] = ["--demo"] + typed_flags(args, skip=("demo",))
     return args

@@ -173,7 +173,11 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
     assert tail(r.stdout) == tail(run_cli(common + ["--out_dir", b, "--resume"]).stdout)  # finished: nothing to redo
     # a finished demo is not started over by accident, a folder without one is not resumed, a flag is kept
     for argv, said in (([], f"{b} already holds a finished demo ({b}/demo.json): print its tables again with"), (["--overwrite", "--seed", "2", "--resume"], "differs from the demo's 1"),
-                       (["--resume", "--out_dir", str(tmp_path / "none")], "holds no demo to finish")):
+                       (["--resume", "--out_dir", str(tmp_path / "none")], "holds no demo to finish"),
+                       # another world is another folder; a flag the demo left at its default is kept too
+                       (["--resume", "--seed", "3"], "--seed 3 differs from the demo's 1"),
+                       (["--resume", "--seed", "3"], "--demo --seed 3 --out_dir out-demo-3"),
+                       (["--resume", "--lr", "0.01"], "--lr 0.01 differs from the demo's 0.001")):
         r = run_cli(["--demo", "--out_dir", b] + argv)
         assert r.returncode == 1 and said in r.stderr, r.stderr[-3000:]
 
