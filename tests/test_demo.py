@@ -173,13 +173,16 @@ def test_the_demo_scaled_down_and_resumed(data_dir, tmp_path):
     assert tail(r.stdout) == tail(run_cli(common + ["--out_dir", b, "--resume"]).stdout)  # finished: nothing to redo
     # a finished demo is not started over by accident, a folder without one is not resumed, a flag is kept
     for argv, said in (([], f"{b} already holds a finished demo ({b}/demo.json): print its tables again with"), (["--overwrite", "--seed", "2", "--resume"], "differs from the demo's 1"),
-                       (["--resume", "--out_dir", str(tmp_path / "none")], "holds no demo to finish"),
-                       # another world is another folder; a flag the demo left at its default is kept too
-                       (["--resume", "--seed", "3"], "--seed 3 differs from the demo's 1"),
-                       (["--resume", "--seed", "3"], "--demo --seed 3 --out_dir out-demo-3"),
-                       (["--resume", "--lr", "0.01"], "--lr 0.01 differs from the demo's 0.001")):
+                       (["--resume", "--out_dir", str(tmp_path / "none")], "holds no demo to finish")):
         r = run_cli(["--demo", "--out_dir", b] + argv)
         assert r.returncode == 1 and said in r.stderr, r.stderr[-3000:]
+    # another world is another folder; a flag the demo left at its default is kept too (in-process: resumed_args)
+    import train
+    for argv, said in ((["--seed", "3"], "--seed 3 differs from the demo's 1"),
+                       (["--seed", "3"], "--demo --seed 3 --out_dir out-demo-3"),
+                       (["--lr", "0.01"], "--lr 0.01 differs from the demo's 0.001")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            demo.resumed_args(train.parse_args(["--demo", "--out_dir", b, "--resume"] + argv))
 
 
 def test_a_stopped_demo_says_how_to_continue(data_dir, tmp_path):
@@ -190,9 +193,10 @@ def test_a_stopped_demo_says_how_to_continue(data_dir, tmp_path):
     said = re.search(r"continue with `(python train.py [^`]*)`", r.stdout + r.stderr)
     assert said and "--demo" in said.group(1) and said.group(1).endswith("--resume"), r.stdout + r.stderr
     # started again without --resume: the unfinished demo is named, with the command that finishes it
-    again = run_cli(SMALL + ["--data_dir", str(data_dir), "--out_dir", out])
-    assert again.returncode == 1 and f"{out} already holds a demo" in again.stderr, again.stderr[-3000:]
-    assert "finish it with" in again.stderr and "finished" not in again.stderr
+    import train
+    with pytest.raises(ValueError, match=re.escape(f"{out} already holds a demo")) as again:
+        demo.save_flags(train.parse_args(SMALL + ["--data_dir", str(data_dir), "--out_dir", out]))
+    assert "finish it with" in str(again.value) and "finished" not in str(again.value)
     r = run_cli(shlex.split(said.group(1))[2:])
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(summary(out)) == {"coconut", "cot", "nocot"}
