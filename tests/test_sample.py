@@ -169,13 +169,29 @@ def one_error_line(r, code, *words):
     return lines[-1]
 
 
-def test_bad_input(tmp_path):
-    one_error_line(cli("--question", "Is Alex a fpus?", "--latent", "-1"), 2, "negative")
-    one_error_line(cli("--question", "   "), 2, "empty")
+def in_process(capsys, *args):
+    """sample.main in this process, as cli() runs it in another: (exit code, stdout, stderr); one subprocess per
+    case would cost the suite seconds. test_bad_input keeps one real process for what only a process shows."""
+    try:
+        code = sample.main(list(args))
+    except SystemExit as e:  # argparse's errors
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["sample.py", *args], code, out.out, out.err)
+
+
+def test_bad_input(tmp_path, capsys, monkeypatch):
+    one_error_line(in_process(capsys, "--question", "Is Alex a fpus?", "--latent", "-1"), 2, "negative")
+    one_error_line(in_process(capsys, "--question", "   "), 2, "empty")
     # no source and no model: the first look says how to make a model
-    one_error_line(cli(cwd=str(tmp_path)), 1, "no trained model yet", "python train.py --demo")
-    one_error_line(cli("--out_dir", str(tmp_path), "--question", "Is Alex a fpus?"), 1, "no model", "best.pt")
-    one_error_line(cli("--ckpt", str(tmp_path / "nope.pt"), "--question", "Is Alex a fpus?"), 1, "nope.pt")
+    monkeypatch.chdir(tmp_path)
+    one_error_line(in_process(capsys), 1, "no trained model yet", "python train.py --demo")
+    monkeypatch.chdir(ROOT)
+    one_error_line(in_process(capsys, "--out_dir", str(tmp_path), "--question", "Is Alex a fpus?"), 1, "no model",
+                   "best.pt")
+    one_error_line(in_process(capsys, "--ckpt", str(tmp_path / "nope.pt"), "--question", "Is Alex a fpus?"), 1,
+                   "nope.pt")
+    # a corrupt checkpoint, in a real process: one line on stderr, no traceback, exit code 1
     (tmp_path / "best.pt").write_bytes(b"this is not a checkpoint")
     assert len(one_error_line(cli("--out_dir", str(tmp_path), "--question", "Is Alex a fpus?"), 1,
                               "best.pt").splitlines()) == 1
