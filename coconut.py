@@ -165,7 +165,7 @@ class Coconut(nn.Module):
         return out, [state["thoughts"][b, :int(state["n_thoughts"][b])] for b in range(B)]
 
 
-def set_cross_entropy(logits, targets, sets, spread=False):
+def set_cross_entropy(logits, targets, sets, spread=False, reduction="mean"):
     """
     The mean over N labels of -log(the softmax mass on the label's tokens): a label is one token (targets,
     the ordinary cross-entropy) or, where targets is -100, a set (sets). The loss of "Coconut-BFS" (Zhu et al.
@@ -173,7 +173,8 @@ def set_cross_entropy(logits, targets, sets, spread=False):
     the whole set at no cost, but not outside it; all of it on one member costs nothing either.
     spread=True: a set's loss is instead the mean of -log p over its members (the cross-entropy against an
     even spread over the set), whose minimum holds every member.
-    logits: (N, V); targets: (N,); sets: (N, K) token ids, -1 padding. -> a scalar, in nats.
+    logits: (N, V); targets: (N,); sets: (N, K) token ids, -1 padding. -> a scalar, in nats (reduction="none":
+    the N losses, (N,), as --losses reads them piece by piece).
     """
     one = F.pad(targets[:, None], (0, sets.size(1) - 1), value=-1)         # (N, K): the target alone
     members = torch.where(targets[:, None] != -100, one, sets)             # (N, K)
@@ -181,8 +182,10 @@ def set_cross_entropy(logits, targets, sets, spread=False):
     picked = logp.gather(1, members.clamp(min=0))                          # (N, K)
     inside = members >= 0
     if spread:
-        return -((picked * inside).sum(1) / inside.sum(1)).mean()
-    return -torch.logsumexp(picked.masked_fill(~inside, float("-inf")), dim=1).mean()
+        losses = -(picked * inside).sum(1) / inside.sum(1)
+    else:
+        losses = -torch.logsumexp(picked.masked_fill(~inside, float("-inf")), dim=1)
+    return losses.mean() if reduction == "mean" else losses
 
 
 def _cols(read, start, end):

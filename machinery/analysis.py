@@ -12,6 +12,7 @@ from collections import defaultdict
 import torch
 from torch.nn import functional as F
 
+from coconut import set_cross_entropy
 from curriculum import collate, make_example, prompt
 from machinery.evaluate import generate_batched
 from machinery.records import bfs
@@ -640,18 +641,14 @@ def piece_losses(model, tok, tokenized, cfg, stage, batch_size=64):
         losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none", ignore_index=-100)
         hits = logits[:, :-1].argmax(-1) == targets
         scored = targets != -100
-        if "label_sets" in b:  # a set label: -log of the set's softmax mass; a hit when the argmax is in the set
+        if "label_sets" in b:  # a set label: scored as training scores it; a hit when the argmax is in the set
             sets = b["label_sets"][:, 1:]                                            # (B, L-1, K)
-            in_set = sets >= 0
-            logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                     # (B, L-1, V)
-            picked = logp.gather(2, sets.clamp(min=0))
-            if cfg.get("set_loss") == "spread":  # the mean of -log p over the set's members
-                set_loss = -(picked * in_set).sum(-1) / in_set.sum(-1).clamp(min=1)
-            else:
-                set_loss = -torch.logsumexp(picked.masked_fill(~in_set, float("-inf")), -1)
-            losses = torch.where(in_set.any(-1), set_loss, losses)
-            hits = torch.where(in_set.any(-1), ((logp.argmax(-1)[..., None] == sets) & in_set).any(-1), hits)
-            scored = scored | in_set.any(-1)
+            has_set = (sets >= 0).any(-1)                                            # (B, L-1)
+            losses[has_set] = set_cross_entropy(logits[:, :-1][has_set], targets[has_set], sets[has_set],
+                                                cfg.get("set_loss") == "spread", reduction="none")
+            in_set = (logits[:, :-1].argmax(-1)[..., None] == sets) & (sets >= 0)  # (B, L-1, K)
+            hits = torch.where(has_set, in_set.any(-1), hits)
+            scored = scored | has_set
         for r, (t, e) in enumerate(zip(tokenized[i:i + batch_size], chunk)):
             cols = scored[r].nonzero().flatten().tolist()
             for name, c in zip(pieces(t, e, tok, cfg.get("mode", "coconut")), cols):
