@@ -27,10 +27,12 @@ def fmt_bytes(b):
     return f"{b / 2**30:.3g} GiB" if b >= 2**30 else f"{b / 2**20:.3g} MiB"
 
 
-# the run's first lines name what its thoughts are trained on (--thought_labels; 0: nothing, said by no line)
-THOUGHT_LABELS = {"1": "the node of the step it replaces (as CoT's)",
-                  "frontier": "the frontier, the nodes k edges from the start (never the path)",
-                  "within": "every node within k edges of the start (never the path)"}
+# what thought k is trained on, by --thought_labels: the run's first lines (0, the paper's, needs none) and
+# sample.py --analyze (report.layer_split) say it in these words
+THOUGHT_LABELS = {"0": "nothing (the paper)",
+                  "1": "the gold path's node of layer k, the step it replaces (as CoT's)",
+                  "frontier": "the frontier, the nodes k roads from the start (never the path)",
+                  "within": "every node within k roads of the start (never the path)"}
 
 
 def start_lines(args, n_train, n_val, per_epoch, model, device, bf16, ckpt_path, continue_command):
@@ -40,12 +42,13 @@ def start_lines(args, n_train, n_val, per_epoch, model, device, bf16, ckpt_path,
     log(f"{args.mode} on {args.dataset}: {n_train} train / {n_val} valid records; "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {args.batch_size} x {args.grad_accum} "
         f"sequences per step; {parallel.world()} process(es){sharded} on {device}, {'bfloat16' if bf16 else 'float32'}")
-    labels = THOUGHT_LABELS.get(str(args.thought_labels))
-    if args.mode in ("coconut", "pause_as_thought", "no_curriculum") and labels:
-        log(f"thought k's label: {labels}" + (
-            ", scored against an even spread over it (--set_loss spread): a set of n nodes costs at least ln n nats "
-            "(1.10 for 3), so the loss stays above a run's without set labels" if args.thought_labels in SET_LABELS and args.set_loss == "spread"
-            else ", scored by the set's mass (--set_loss mass)" if args.thought_labels in SET_LABELS else ""))
+    if args.mode in ("coconut", "pause_as_thought", "no_curriculum") and args.thought_labels:
+        how = ""
+        if args.thought_labels in SET_LABELS:
+            how = (", scored against an even spread over it (--set_loss spread): a set of n nodes costs at least "
+                   "ln n nats (1.10 for 3), so the loss stays above a run's without set labels"
+                   if args.set_loss == "spread" else ", scored by the set's mass (--set_loss mass)")
+        log(f"thought k's label: {THOUGHT_LABELS[str(args.thought_labels)]}{how}")
     log(f"{per_epoch} optimizer steps per epoch, {per_epoch * n_epochs} in the whole run ({n_epochs} epoch"
         f"{'' if n_epochs == 1 else 's'}); validation writes up to {args.max_new_tokens} tokens per question")
     when = f"after every epoch{f' and every {args.save_every} steps' if args.save_every else ''}"

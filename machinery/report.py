@@ -10,6 +10,7 @@ from collections import defaultdict
 from curriculum import PLAIN, SET_LABELS, is_correct, prompt, stage_name
 from machinery import analysis, plots
 from machinery.evaluate import generate_batched
+from machinery.progress import THOUGHT_LABELS
 from machinery.runs import METHOD_NAMES, read_jsonl, runs_inside
 
 
@@ -110,13 +111,6 @@ def layer_positions(tok, records, tokenized, prompts, cfg):
     return rows, cols, golds
 
 
-# what thought k was trained on, by the checkpoint's --thought_labels (a set's loss as its --set_loss says)
-TRAINED_ON = {"0": "no label on the thoughts (the paper)",
-              "1": "thought k is trained to name the gold path's node of layer k",
-              "frontier": "thought k is trained on the frontier, the nodes k roads from the start (never the path)",
-              "within": "thought k is trained on every node within k roads of the start (never the path)"}
-
-
 def layer_split(model, tok, records, tokenized, prompts, cfg, args):
     """Each thought's (CoT: each next step's) softmax inside its own layer, by group, averaged over the records
     (analysis.layer_split). -> the rows, printed."""
@@ -137,8 +131,9 @@ def layer_split(model, tok, records, tokenized, prompts, cfg, args):
         print("where CoT's next-node softmax goes inside the layer of the step it writes, teacher-forced (the "
               "question and the gold steps before it): the positions of Coconut's thoughts")
     else:
-        print("where each thought's softmax (lm_head of the thought) goes inside its own layer: " +
-              TRAINED_ON.get(str(cfg.get("thought_labels", 0)), TRAINED_ON["0"]) +
+        trained_on = THOUGHT_LABELS.get(str(cfg.get("thought_labels", 0)), THOUGHT_LABELS["0"])
+        print(f"where each thought's softmax (lm_head of the thought) goes inside its own layer: thought k is "
+              f"trained on {trained_on}" +
               ("" if model.feedback else f" (a {cfg.get('mode')} model: the output at the column before each "
                                          f"<|latent|>, which is not fed back)"))
     print("  layer: the mass on that layer's nodes, out of the whole vocabulary; the four groups split it by the "
