@@ -162,17 +162,17 @@ def thought_sets(tokenized, kind, n_thoughts):
     The set labels of thoughts 1..n_thoughts of a graph record, kind one of SET_LABELS:
     -> a list of n_thoughts sorted lists of distinct token ids (each node's first token). Thought k up to the
     record's steps: ring k of Tokenized.from_root (within: rings 0..k); past them, the target (the last of
-    Tokenized.hops; [] without one). Raises ValueError for a record without graph fields.
+    Tokenized.hops; [] without one). Raises ValueError for a record without graph fields. Called for every
+    record every epoch: the rings come ready-made from tokenize.
     """
     if tokenized.from_root is None:
         raise ValueError(f"--thought_labels {kind} needs graph records (idx_to_symbol, edges, root: data/reach, "
                          f"prosqa_graph, ProsQA): this data has none; use --thought_labels 0 or 1")
-    rings = [sorted({name[0] for name in ring if name}) for ring in tokenized.from_root]
-    reached = sorted({name[0] for name in tokenized.hops[-1] if name}) if tokenized.hops else []
+    rings = tokenized.from_root
     sets = []
     for k in range(1, n_thoughts + 1):
         if k > len(tokenized.steps):
-            sets.append(reached)
+            sets.append(sorted({name[0] for name in tokenized.hops[-1] if name}) if tokenized.hops else [])
             continue
         ring = rings[k] if k < len(rings) else []
         sets.append(sorted({t for r in rings[:k + 1] for t in r}) if kind == "within" and ring else ring)

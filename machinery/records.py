@@ -118,8 +118,9 @@ class Tokenized(NamedTuple):
     answer: List[int]       # encode("### " + answer) + [eos]
     hops: Optional[List[List[List[int]]]] = None  # graph records: hops[k-1] = encode(name) of each node k hops
                                                   # from the root on a shortest path to the target (frontier mode)
-    from_root: Optional[List[List[List[int]]]] = None  # graph records: from_root[k] = encode(name) of each node
-                                                       # exactly k edges from the root (--thought_labels frontier)
+    from_root: Optional[List[List[int]]] = None  # graph records: from_root[k] = the first tokens of the nodes
+                                                 # exactly k edges from the root, sorted and distinct: the set
+                                                 # label of thought k (--thought_labels frontier), made once here
 
 
 def graph_question(record, rng=None):
@@ -146,7 +147,8 @@ def tokenize(record, tok=None):
     if all(k in record for k in ("idx_to_symbol", "edges", "root", "target")):
         hops = [[tok.encode(record["idx_to_symbol"][v]) for v in layer] for layer in shortest_path_layers(record)]
     if all(k in record for k in ("idx_to_symbol", "edges", "root")):
-        from_root = [[tok.encode(record["idx_to_symbol"][v]) for v in ring] for ring in rings_from_root(record)]
+        names = [[tok.encode(record["idx_to_symbol"][v]) for v in ring] for ring in rings_from_root(record)]
+        from_root = [sorted({ids[0] for ids in ring if ids}) for ring in names]
     bos = [] if tok.bos_id is None else [tok.bos_id]  # Llama's <|begin_of_text|>
     return Tokenized(bos + q, steps, a + [tok.eos_id], hops, from_root)
 

@@ -236,7 +236,7 @@ def test_the_demos_coconut_labels_its_thoughts_with_the_frontier(data_dir):
     # its three branches, the gold one among them), scored against an even spread; no label names the path.
     # --thought_labels 1 (the gold-labelled control) names the gold step's node; 0 (the paper) nothing
     import train
-    from machinery.records import load_split, tokenize
+    from machinery.records import load_split, rings_from_root, tokenize
     from machinery.tokenizer import symbol_tokenizer
     args = train.parse_args(["--demo", "--data_dir", str(data_dir)])
     assert (args.mode, args.thought_labels, args.set_loss, args.markers) == ("coconut", "frontier", "spread", 0)
@@ -245,14 +245,15 @@ def test_the_demos_coconut_labels_its_thoughts_with_the_frontier(data_dir):
     tokenized = [tokenize(r, tok) for r in records]
     examples, _, stage, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
     assert stage == 3
-    for e, t in zip(examples, tokenized):
+    for e, t, r in zip(examples, tokenized, records):
         col = e["input_ids"].index(tok.latent_id)
         assert e["input_ids"][col:col + 3] == [tok.latent_id] * 3
         assert e["labels"][col:col + 3] == [-100] * 3  # no single node is a thought's label
         sets = [e["label_sets"][col + k] for k in range(3)]
         for k, ids in enumerate(sets):
             assert len(ids) == 3 and t.steps[k][0] in ids  # the start's three branches, gold among them
-            assert ids == sorted(name[0] for name in t.from_root[k + 1])
+            ring = rings_from_root(r)[k + 1]  # the record's own nodes k + 1 roads from the start
+            assert ids == sorted(tok.encode(r["idx_to_symbol"][v])[0] for v in ring)
     args = train.parse_args(["--demo", "--data_dir", str(data_dir), "--thought_labels", "1"])  # the typed flag wins
     assert (args.mode, args.thought_labels) == ("coconut", 1)
     examples, _, _, _ = train.epoch_examples(records, tokenized, tok, 3, args, 128)
