@@ -564,13 +564,6 @@ def bench_resume_memory(args):
 
 def bench_demo_step(args):
     """(e): the demo's step, the last block where read and everywhere, against the machine's matmul rate."""
-    cfg = DATASET_DEFAULTS["reach"]
-    with tempfile.TemporaryDirectory() as tmp:
-        with contextlib.redirect_stdout(None):
-            reach_prepare.main(["--out_dir", tmp, "--n_train", str(cfg["batch_size"] * 8), "--n_valid", "1",
-                                "--n_test", "1"])
-        records = load_records(os.path.join(tmp, "train.json"))
-    tok = symbol_tokenizer(records)
     n = 2048
     a = torch.randn(n, n)
 
@@ -578,26 +571,8 @@ def bench_demo_step(args):
         t, _ = timed(lambda: [a @ a for _ in range(2)], "cpu")
         return 2 * 2 * n ** 3 / t / 1e9
     rows, peaks = [], []
-    for mode, stage in (("coconut", cfg["max_latent_stage"]), ("cot", 0), ("nocot", 0)):
-        torch.manual_seed(0)
-        gpt = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
-                            block_size=cfg["block_size"], vocab_size=tok.vocab_size))
-        model = Coconut(gpt, tok.latent_id, tok.start_id, tok.end_id, tok.eos_id, feedback=mode == "coconut")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
-        examples = build_examples([tokenize(r, tok) for r in records], stage, mode, cfg["c_thought"],
-                                  cfg["max_latent_stage"], tok=tok, markers=bool(cfg["markers"]),
-                                  thought_labels=cfg["thought_labels"])
-        batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
-                   for i in range(0, len(examples), cfg["batch_size"])]
-
-        def step(b, skip_unread=True):
-            args4 = (b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
-            sets = dict(label_sets=b.get("label_sets"), spread=cfg["set_loss"] == "spread")
-            loss = model(*args4, **sets)[0] if skip_unread else loss_over_every_column(model, *args4, **sets)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    for mode in ("coconut", "cot", "nocot"):
+        _, _, batches, step = demo_step_setup(mode)
         times, flops = {True: [], False: []}, {}
         for skip in (True, False):
             with FlopCounterMode(display=False) as fc:
@@ -627,7 +602,7 @@ def bench_demo_step(args):
 
 def demo_step_setup(mode="coconut", n_batches=8, coconut_class=Coconut, thought_labels=None):
     """The demo's model (seed 0), AdamW and n_batches of its batches for one method -> (model, optimizer,
-    batches, step): step(batch) is one optimizer step and returns its loss. thought_labels: the preset's
+    batches, step): step(batch, skip_unread=True) is one optimizer step and returns its loss. thought_labels: the preset's
     (None), or 1, the gold labels that every commit's coconut.py understands (--against)."""
     cfg = DATASET_DEFAULTS["reach"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -648,9 +623,10 @@ def demo_step_setup(mode="coconut", n_batches=8, coconut_class=Coconut, thought_
     batches = [collate(examples[i:i + cfg["batch_size"]], tok.pad_id, tok.latent_id)
                for i in range(0, len(examples), cfg["batch_size"])]
 
-    def step(b):
+    def step(b, skip_unread=True):  # skip_unread=False: the last block over every column, (e)'s "all"
+        args4 = (b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"])
         sets = dict(label_sets=b["label_sets"], spread=cfg["set_loss"] == "spread") if "label_sets" in b else {}
-        loss = model(b["input_ids"], b["attention_mask"], b["labels"], b["position_ids"], **sets)[0]
+        loss = model(*args4, **sets)[0] if skip_unread else loss_over_every_column(model, *args4, **sets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
